@@ -1,0 +1,135 @@
+"""`tandem run | profile | eval | list`: the command line mirrors the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import TandemError
+
+
+def _split_run_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first argument without '=' is the recipe file; the rest are key=value overrides."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_run(ns) -> int:
+    from .recipes import load_recipe
+    from .runner import run
+
+    recipe_path, overrides = _split_run_args(ns.args)
+    if recipe_path is None and ns.resume and ns.out and (Path(ns.out) / "recipe.yaml").exists():
+        recipe_path = str(Path(ns.out) / "recipe.yaml")   # resume exactly what was started
+    if ns.resume and not ns.out:
+        raise TandemError("--resume needs --out RUN_DIR, the folder of the run to continue")
+    recipe = load_recipe(recipe_path, overrides)
+    out = ns.out
+    try:
+        results = run(recipe, out, resume=ns.resume)
+    except KeyboardInterrupt:
+        where = out or "the run folder"
+        print(f"\ninterrupted; the last finished epoch is checkpointed. Resume with:\n"
+              f"  tandem run --resume --out {where}", file=sys.stderr)
+        return 130
+    from .report import markdown_table
+    print(markdown_table(results["models"]))
+    print(f"\nwall time {results['wall_time_s']:.1f} s; report in {Path(out) if out else 'runs/'}")
+    return 0
+
+
+def cmd_profile(ns) -> int:
+    from . import cost
+    from .models import create_model
+
+    model = create_model(ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels)
+    report = cost.profile(model, (ns.in_channels, ns.input_size, ns.input_size), w_bits=ns.w_bits,
+                          a_bits=ns.a_bits, first_last_bits=ns.first_last_bits)
+    print(json.dumps(report.to_dict(), indent=2) if ns.json else report.table())
+    return 0
+
+
+def cmd_list(ns) -> int:
+    from .data import list_datasets
+    from .methods import list_methods
+    from .models import list_models
+
+    for title, names in (("models", list_models()), ("datasets", list_datasets()), ("methods", list_methods())):
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    from .data import BatchLoader, load_dataset
+    from .engine import evaluate, load_model, resolve_device
+
+    target = Path(ns.checkpoint)
+    files = sorted((target / "models").glob("*.safetensors")) if target.is_dir() else [target]
+    if not files:
+        raise TandemError(f"no model files (*.safetensors) in {target / 'models'}")
+    device = resolve_device(ns.device)
+    cache = {}
+    for path in files:
+        model, meta = load_model(path)
+        spec = meta.get("dataset") or {}
+        if not spec:
+            raise TandemError(f"{path} does not say which dataset it was trained on; it was not written by a run")
+        root = ns.data_root or spec.get("root")
+        key = (spec["name"], root)
+        if key not in cache:
+            cache[key] = load_dataset(spec["name"], root, val_fraction=spec.get("val_fraction", 0.1),
+                                      seed=meta.get("seed", 0), **spec.get("options", {}))
+        data = cache[key]
+        loader = BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device=device)
+        result = evaluate(model.to(device), loader)
+        print(f"{path.name}: test top-1 {result['top1']:.2f}% on {result['n']} images of {spec['name']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem", description="Prune, quantize and distill CNNs together.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe (no recipe: the default job on digits)")
+    r.add_argument("args", nargs="*", metavar="RECIPE | key=value",
+                   help="a recipe YAML, then overrides such as train.epochs=5")
+    r.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.set_defaults(fn=cmd_run)
+
+    pr = sub.add_parser("profile", help="per-layer and total params, MACs, BOPs and bytes of a model")
+    pr.add_argument("model")
+    pr.add_argument("--input-size", type=int, default=32)
+    pr.add_argument("--in-channels", type=int, default=3)
+    pr.add_argument("--num-classes", type=int, default=10)
+    pr.add_argument("--w-bits", type=int, default=32)
+    pr.add_argument("--a-bits", type=int, default=32)
+    pr.add_argument("--first-last-bits", type=int, default=None,
+                    help="bits of the first conv and last linear layer (default: same as the others)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_profile)
+
+    ls = sub.add_parser("list", help="list models, datasets and methods")
+    ls.set_defaults(fn=cmd_list)
+
+    ev = sub.add_parser("eval", help="test accuracy of a saved model file or of every model in a run folder")
+    ev.add_argument("checkpoint", help="a models/*.safetensors file or a run folder")
+    ev.add_argument("--data-root", help="dataset location, if it moved since training")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.fn(ns)
+    except TandemError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

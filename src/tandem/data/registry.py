@@ -1,0 +1,115 @@
+"""Dataset registry: ``load_dataset(name, root, ...)``, ``list_datasets()``, ``register_dataset``.
+
+A dataset loader is a function ``fn(root, *, option=default, ...) -> SourceData``.
+Its keyword-only parameters are the dataset's options (their defaults are the
+defaults); ``root`` is a :class:`pathlib.Path` or None. If ``root`` has no
+default, the dataset needs a path and ``load_dataset`` says so when none is given.
+The registry validates option names, calls the loader, and holds the validation
+split out of the training set (:func:`tandem.data.core.make_splits`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError
+from .core import DataSplits, SourceData, make_splits
+
+__all__ = ["register_dataset", "list_datasets", "load_dataset", "dataset_options", "dataset_summary"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    fn: Callable[..., SourceData]
+    options: dict[str, Any]
+    needs_root: bool
+    summary: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def _canonical(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., SourceData]], Callable[..., SourceData]]:
+    """Decorator registering ``fn(root, *, **options) -> SourceData`` under ``name``."""
+    key = _canonical(name)
+
+    def deco(fn: Callable[..., SourceData]) -> Callable[..., SourceData]:
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) != 1:
+            raise TypeError(f"dataset loader {fn.__name__} must take exactly one positional argument (root)")
+        options = {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
+        for opt, default in options.items():
+            if default is inspect.Parameter.empty:
+                raise TypeError(f"dataset loader {fn.__name__}: option {opt} needs a default")
+        old = _REGISTRY.get(key)
+        if old is not None and old.fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"dataset {key!r} is already registered (by {old.fn.__module__}.{old.fn.__qualname__})")
+        doc = inspect.getdoc(fn) or ""
+        _REGISTRY[key] = _Entry(
+            name=key,
+            fn=fn,
+            options=options,
+            needs_root=positional[0].default is inspect.Parameter.empty,
+            summary=doc.splitlines()[0] if doc else "",
+        )
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    entry = _REGISTRY.get(_canonical(name))
+    if entry is None:
+        raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(list_datasets())}")
+    return entry
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+    """The options a dataset accepts, with their defaults."""
+    return dict(_entry(name).options)
+
+
+def dataset_summary(name: str) -> str:
+    """A one-line description of a dataset (the first line of its loader's docstring)."""
+    return _entry(name).summary
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    **options: Any,
+) -> DataSplits:
+    """Load dataset ``name`` (from ``root`` where it needs files) as train / val / test splits.
+
+    ``val_fraction`` of each class of the training set is held out as the
+    validation split, chosen by ``seed``; the test split never depends on ``seed``.
+    ``options`` are the dataset's own (see :func:`dataset_options`).
+    """
+    entry = _entry(name)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        allowed = ", ".join(sorted(entry.options)) or "none"
+        raise DataError(f"{entry.name}: unknown option(s) {', '.join(unknown)}; allowed options: {allowed}")
+    if root is None and entry.needs_root:
+        raise DataError(f"{entry.name}: needs a root (the folder or file holding the dataset); none was given")
+    root_path = Path(root).expanduser() if root is not None else None
+    source = entry.fn(root_path, **options)
+    return make_splits(entry.name, source, val_fraction=val_fraction, seed=seed)

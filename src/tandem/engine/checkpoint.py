@@ -1,0 +1,100 @@
+"""Checkpoints that are never half-written, and model files that rebuild themselves.
+
+Two formats, each for one job:
+- the resume checkpoint (`last.ckpt`): everything needed to continue a stage (weights,
+  optimiser and schedule state, best-so-far, history); `torch.save` written to a temporary
+  file and renamed into place, read back with `weights_only=True` (no pickled code).
+- the model file (`*.safetensors`): the weights plus, in the metadata, the model's
+  `config` (name, widths, ...) so `load_model` rebuilds the architecture, pruned ones
+  included, without the recipe that made it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise CheckpointError(f"{path} is not a tandem checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def save_model(model: torch.nn.Module, path: Path, **metadata) -> None:
+    """Weights as safetensors; `model.config` and any extra metadata as JSON in the header."""
+    meta = {"config": json.dumps(getattr(model, "config", None)),
+            **{k: json.dumps(v) for k, v in metadata.items()}}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_model_file(path: Path) -> tuple[dict, dict]:
+    """(state_dict, metadata) of a model file, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} not found")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors model file ({exc})") from None
+    return state, meta
+
+
+def load_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with an error that names the file and the first mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("shape differs", wrong)) if keys)
+        raise CheckpointError(f"{source} holds weights of another architecture ({detail})")
+    model.load_state_dict(state)
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model stored in a tandem model file; returns (model, metadata)."""
+    from ..models import create_model
+
+    state, meta = read_model_file(path)
+    config = meta.get("config")
+    if not config:
+        raise CheckpointError(f"{path} has no model config in its metadata; it was not written by tandem")
+    model = create_model(**config)
+    load_state(model, state, str(path))
+    return model, meta

@@ -1,0 +1,180 @@
+"""The one training loop: trains one or more networks under an objective.
+
+An *objective* is a function `objective(outputs, y, x) -> {name: loss}`; `outputs` maps every
+network's name (trainable and frozen) to its logits for the batch. The engine sums the named
+losses and takes one backward pass, then steps each trainable network's own optimiser. Terms
+that must not feed a network (a peer's prediction used as a target, a teacher) are detached
+by the objective, so the sum gives each network exactly the gradient of its own loss.
+
+Methods plug in through the objective and through callbacks (objects with any of
+`after_backward(trainer)`, `after_step(trainer)`, `on_epoch_end(trainer, epoch)`), never by
+writing another loop. The trainer owns devices, mixed precision, checkpoints, best-by-val
+selection, progress bars and the metrics log.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..errors import TandemError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .metrics import MetricsLog
+from .optim import build_optimizer, build_scheduler
+
+Objective = Callable[[dict, torch.Tensor, torch.Tensor], dict]
+
+
+class TrainingDiverged(TandemError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA (no loss scaler needed); full precision on CPU."""
+    if amp and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def cross_entropy_objective(outputs: dict, y: torch.Tensor, x: torch.Tensor) -> dict:
+    """Plain supervised training: CE for every network."""
+    return {f"ce/{name}": torch.nn.functional.cross_entropy(z.float(), y) for name, z in outputs.items()}
+
+
+class Trainer:
+    def __init__(self, nets: dict, objective: Objective, cfg, *, device="cpu", frozen: dict | None = None,
+                 callbacks=(), ckpt_path: Path | None = None, log: MetricsLog | None = None,
+                 stage: str = "train", make_optimizer=None):
+        self.device = torch.device(device)
+        self.nets = {n: m.to(self.device) for n, m in nets.items()}
+        self.frozen = {n: m.to(self.device).eval().requires_grad_(False) for n, m in (frozen or {}).items()}
+        self.objective = objective
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
+        self.log = log or MetricsLog(None)
+        self.stage = stage
+        self.autocast = autocast_for(self.device, cfg.amp)
+        make_optimizer = make_optimizer or (lambda net: build_optimizer(
+            [p for p in net.parameters() if p.requires_grad], cfg))
+        self.optimizers = {n: make_optimizer(m) for n, m in self.nets.items()}
+        self.schedulers: dict = {}
+        self.epoch = 0          # epochs completed
+        self.step = 0           # optimiser steps taken
+        self.best = {n: {"val_top1": -1.0, "epoch": -1, "state": None} for n in self.nets}
+        self.history: list[dict] = []
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "stage": self.stage,
+                "nets": {n: m.state_dict() for n, m in self.nets.items()},
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                "best": self.best, "history": self.history, "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, m in self.nets.items():
+            m.load_state_dict(state["nets"][n])
+            self.optimizers[n].load_state_dict(state["optimizers"][n])
+        self._scheduler_state = state["schedulers"]
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best, self.history = state["best"], state["history"]
+        torch.set_rng_state(state["rng"])
+
+    def resume(self) -> bool:
+        """Continue from `ckpt_path` if it exists; True when a checkpoint was loaded."""
+        if self.ckpt_path is None or not self.ckpt_path.exists():
+            return False
+        self.load_state_dict(load_checkpoint(self.ckpt_path))
+        return True
+
+    def save(self) -> None:
+        if self.ckpt_path is not None:
+            save_checkpoint(self.state_dict(), self.ckpt_path)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _hook(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        with self.autocast():
+            outputs = {n: m(x) for n, m in self.nets.items()}
+            if self.frozen:
+                with torch.no_grad():
+                    outputs.update({n: m(x) for n, m in self.frozen.items()})
+        return outputs
+
+    def train_epoch(self, loader) -> dict:
+        for m in self.nets.values():
+            m.train()
+        loader.set_epoch(self.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(loader, desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
+                   leave=False, disable=not self.cfg.progress, dynamic_ncols=True)
+        check_every = 1 if self.device.type == "cpu" else 25
+        for i, (x, y) in enumerate(bar):
+            losses = self.objective(self.forward(x), y, x)
+            total = sum(losses.values())
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            total.backward()
+            self._hook("after_backward")
+            for n, opt in self.optimizers.items():
+                opt.step()
+                self.schedulers[n].step()
+            self.step += 1
+            self._hook("after_step")
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            if (i + 1) % check_every == 0 or i + 1 == len(loader):
+                if not torch.isfinite(sum(sums.values())).item():
+                    raise TrainingDiverged(
+                        f"loss became NaN or infinite in stage '{self.stage}' at epoch {self.epoch + 1}, "
+                        f"step {i + 1}; the last good checkpoint is kept at {self.ckpt_path}")
+                if self.cfg.progress:
+                    bar.set_postfix(loss=f"{total.item():.3f}")
+        return {k: (v / max(1, len(loader))).item() for k, v in sums.items()}
+
+    def fit(self, train_loader, val_loader=None, resume: bool = False) -> dict:
+        """Train for cfg.epochs; afterwards each net holds its best-by-validation weights."""
+        self.schedulers = {n: build_scheduler(o, self.cfg, len(train_loader)) for n, o in self.optimizers.items()}
+        if resume and self.resume():
+            for n, s in self.schedulers.items():
+                s.load_state_dict(self._scheduler_state[n])
+        while self.epoch < self.cfg.epochs:
+            start = time.perf_counter()
+            losses = self.train_epoch(train_loader)
+            record = {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step,
+                      "lr": next(iter(self.optimizers.values())).param_groups[0]["lr"], **losses}
+            for n, m in self.nets.items():
+                val = evaluate(m, val_loader, self.autocast) if val_loader is not None else {"n": 0}
+                record[f"val_top1/{n}"] = val.get("top1")
+                has_val = val["n"] > 0
+                if not has_val or val["top1"] > self.best[n]["val_top1"]:
+                    self.best[n] = {"val_top1": val["top1"] if has_val else float("nan"),
+                                    "epoch": self.epoch + 1,
+                                    "state": {k: v.detach().clone() for k, v in m.state_dict().items()}}
+            record["epoch_time"] = time.perf_counter() - start
+            self.epoch += 1
+            self.history.append(record)
+            self.log.write(record, step=self.epoch)
+            self._hook("on_epoch_end", self.epoch)
+            self.save()
+        for n, m in self.nets.items():
+            if self.best[n]["state"] is not None:
+                m.load_state_dict(self.best[n]["state"])
+        return {n: {"val_top1": b["val_top1"], "epoch": b["epoch"]} for n, b in self.best.items()}

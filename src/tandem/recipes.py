@@ -1,0 +1,206 @@
+"""Recipes: YAML experiment descriptions, validated on load, with `key=value` overrides.
+
+Every mistake becomes one `RecipeError` line that names the key, the value given and what is
+allowed; nothing is created on disk before a recipe validates.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    name: str = "small_cnn"
+    widths: Optional[list[int]] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from .models import list_models
+        if v not in list_models():
+            raise ValueError(f"unknown model; allowed: {', '.join(list_models())}")
+        return v
+
+
+class DatasetSpec(Section):
+    name: str = "digits"
+    root: Optional[str] = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    augment: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from .data import list_datasets
+        if v not in list_datasets():
+            raise ValueError(f"unknown dataset; allowed: {', '.join(list_datasets())}")
+        return v
+
+
+class TrainSpec(Section):
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[float] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    amp: bool = True
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _milestones_in_range(self):
+        bad = [m for m in self.milestones if not 0 < m < self.epochs + 1]
+        if bad:
+            raise ValueError(f"milestones {bad} must lie within 0 < m <= epochs ({self.epochs})")
+        return self
+
+
+class Recipe(Section):
+    """The default values are the default job: the small CNN on scikit-learn's digits."""
+    name: Optional[str] = None
+    method: str = "baseline"
+    protocol: Literal["cpu-small", "paper", "smoke"] = "cpu-small"
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from .methods import list_methods
+        if v not in list_methods():
+            raise ValueError(f"unknown method; allowed: {', '.join(list_methods())}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not v.startswith("cuda"):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+        return v
+
+
+def _allowed_keys(model_cls, loc) -> list[str]:
+    """The field names allowed at the parent of `loc` (for 'unknown key' errors)."""
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def _format_error(exc: ValidationError, raw: dict) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+    key = ".".join(str(p) for p in loc) or "(recipe)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Recipe, loc)
+        return f"recipe error: unknown key '{key}'; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"recipe error: '{key}' is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict) and len(str(value)) > 80:
+        value = "{...}"
+    return f"recipe error: {key} = {value!r}: {msg}"
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if isinstance(nxt, str) and p in ("model", "dataset"):
+            nxt = {"name": nxt}
+        if nxt is None:
+            nxt = {}
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"recipe error: override {dotted}: '{p}' is not a section")
+        node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"recipe error: override {item!r} is not of the form key=value (e.g. train.epochs=5)")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key, value))
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe error: recipe file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe error: {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe error: {path} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(exc, raw)) from None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (None: the default job), apply `key=value` overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    recipe = validate(raw)
+    if recipe.name is None:
+        recipe.name = Path(path).stem if path else "default"
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tandem.cli import main
+
+
+def test_default_job_end_to_end_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "train.epochs=2", "train.progress=false", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["models"]
+    for key in ("name", "top1", "val_top1", "params", "macs", "bops", "bytes", "w_bits", "a_bits"):
+        assert key in row
+    assert row["top1"] > 50 and row["macs"] > 0 and row["bops"] == row["macs"] * 32 * 32
+    assert results["recipe"]["train"]["epochs"] == 2 and results["commit"] and results["wall_time_s"] > 0
+    assert "| baseline |" in (out / "report.md").read_text()
+    assert (out / "accuracy_vs_cost.png").stat().st_size > 1000
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    capsys.readouterr()
+
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"test top-1 {row['top1']:.2f}%" in printed
+
+    # resuming a finished run retrains nothing and reproduces the same numbers
+    assert main(["run", "--resume", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["models"][0]
+    assert again["top1"] == row["top1"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert main(["run", "train.epochs=1", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_bad_recipe_is_one_line_exit_2_and_no_folder(tmp_path):
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "run", "train.epochs=-3", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.epochs = -3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_data_names_the_file_and_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    (tmp_path / "nodata").mkdir()
+    code = main(["run", "dataset=mnist", f"dataset.root={tmp_path / 'nodata'}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "train-images-idx3-ubyte" in err and str(tmp_path / "nodata") in err
+    assert not out.exists()
+
+
+def test_profile_json(capsys):
+    assert main(["profile", "resnet56", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs"] == pytest.approx(125.49e6, abs=0.01e6)
+    assert report["bops"] == report["macs"] * 1024
+    assert len(report["layers"]) == 56
+
+
+def test_profile_table_and_list(capsys):
+    assert main(["profile", "small_cnn", "--input-size", "8", "--in-channels", "1"]) == 0
+    assert "total" in capsys.readouterr().out.lower()
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "resnet56" in listed and "digits" in listed and "baseline" in listed

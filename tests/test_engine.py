@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+from types import SimpleNamespace
+
+from tandem.data import BatchLoader, load_dataset
+from tandem.engine import Trainer, TrainingDiverged, cross_entropy_objective, evaluate, lr_factor
+from tandem.engine.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from tandem.errors import CheckpointError
+from tandem.models import create_model
+from tandem.recipes import TrainSpec
+
+
+def cfg(**kw):
+    base = dict(epochs=3, batch_size=32, lr=0.05, progress=False)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", num_classes=4, channels=1, image_size=8, train_size=256, test_size=64,
+                        val_fraction=0.25)
+
+
+def loaders(d, batch=32):
+    train = BatchLoader(d.train, batch, shuffle=True, mean=d.mean, std=d.std, seed=0, drop_last=True)
+    val = BatchLoader(d.val, 256, mean=d.mean, std=d.std)
+    return train, val
+
+
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    return create_model("small_cnn", num_classes=4, in_channels=1)
+
+
+def test_lr_schedules():
+    c = cfg(epochs=10, warmup_epochs=1, schedule="cosine")
+    assert lr_factor(0, 10, c) == pytest.approx(0.1)          # warm-up climbs linearly per step
+    assert lr_factor(9, 10, c) == pytest.approx(1.0)
+    assert lr_factor(10, 10, c) == pytest.approx(1.0)          # cosine starts at 1 after warm-up
+    assert lr_factor(55, 10, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, 10, c) == pytest.approx(0.0, abs=1e-9)
+    m = cfg(epochs=10, schedule="multistep", milestones=[3, 6], gamma=0.1)
+    assert lr_factor(29, 10, m) == 1.0 and lr_factor(30, 10, m) == pytest.approx(0.1)
+    assert lr_factor(60, 10, m) == pytest.approx(0.01)
+
+
+def test_trainer_learns_and_selects_best_by_validation(data, tmp_path):
+    net = make_net()
+    train, val = loaders(data)
+    before = evaluate(net, val)["top1"]
+    trainer = Trainer({"net": net}, cross_entropy_objective, cfg(epochs=4), ckpt_path=tmp_path / "last.ckpt")
+    best = trainer.fit(train, val)
+    after = evaluate(net, val)["top1"]
+    assert after > 70 and after > before + 20     # chance is 25 %
+    vals = [h["val_top1/net"] for h in trainer.history]
+    assert best["net"]["val_top1"] == max(vals) == pytest.approx(after)
+    assert best["net"]["epoch"] == vals.index(max(vals)) + 1
+    assert load_checkpoint(tmp_path / "last.ckpt")["epoch"] == 4
+
+
+class StopAt:
+    """Simulates a kill in the middle of an epoch."""
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, trainer):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
+    train, val = loaders(data)
+    full = make_net()
+    Trainer({"net": full}, cross_entropy_objective, cfg(), ckpt_path=tmp_path / "a.ckpt").fit(train, val)
+
+    steps_per_epoch = len(train)
+    net = make_net()
+    t = Trainer({"net": net}, cross_entropy_objective, cfg(), ckpt_path=tmp_path / "b.ckpt",
+                callbacks=[StopAt(2 * steps_per_epoch + 2)])
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(train, val)
+    assert load_checkpoint(tmp_path / "b.ckpt")["epoch"] == 2
+
+    resumed = make_net(seed=123)        # different init: everything must come from the checkpoint
+    t2 = Trainer({"net": resumed}, cross_entropy_objective, cfg(), ckpt_path=tmp_path / "b.ckpt")
+    t2.fit(train, val, resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_loss_stops_with_epoch_and_step(data, tmp_path):
+    train, val = loaders(data)
+
+    def exploding(outputs, y, x):
+        loss = cross_entropy_objective(outputs, y, x)["ce/net"]
+        return {"loss": loss * float("nan")}
+
+    t = Trainer({"net": make_net()}, exploding, cfg(), ckpt_path=tmp_path / "c.ckpt")
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1"):
+        t.fit(train, val)
+
+
+def test_two_networks_each_get_their_own_optimizer(data):
+    train, val = loaders(data)
+    a, b = make_net(0), make_net(1)
+    t = Trainer({"a": a, "b": b}, cross_entropy_objective, cfg(epochs=1))
+    t.fit(train, val)
+    assert set(t.optimizers) == {"a", "b"}
+    assert t.optimizers["a"].param_groups[0]["params"][0] is next(a.parameters())
+
+
+def test_frozen_teacher_is_not_updated(data):
+    train, val = loaders(data)
+    teacher = make_net(5)
+    before = [p.clone() for p in teacher.parameters()]
+
+    def kd(outputs, y, x):
+        assert not outputs["teacher"].requires_grad
+        return cross_entropy_objective({"net": outputs["net"]}, y, x)
+
+    Trainer({"net": make_net()}, kd, cfg(epochs=1), frozen={"teacher": teacher}).fit(train, val)
+    assert all(torch.equal(p, q) for p, q in zip(before, teacher.parameters()))
+    assert not teacher.training
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bogus.ckpt"):
+        load_checkpoint(bogus)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = tmp_path / "x.ckpt"
+    save_checkpoint({"epoch": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"epoch": 2, "bad": Boom()}, path)
+    assert load_checkpoint(path)["epoch"] == 1                     # the old file survives intact
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]      # no temporary left behind
+
+
+def test_model_file_rebuilds_pruned_architecture(tmp_path):
+    net = create_model("resnet20", num_classes=10, widths=[16] + [8, 16] * 3 + [12, 32] * 3 + [20, 64] * 3)
+    net.eval()
+    path = tmp_path / "m.safetensors"
+    save_model(net, path, dataset={"name": "synthetic"})
+    again, meta = load_model(path)
+    again.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net(x), again(x))
+    assert meta["dataset"] == {"name": "synthetic"}
+
+
+def test_loading_weights_of_another_architecture_fails_clearly(tmp_path):
+    from tandem.engine.checkpoint import load_state, read_model_file
+    path = tmp_path / "r20.safetensors"
+    save_model(create_model("resnet20"), path)
+    state, _ = read_model_file(path)
+    with pytest.raises(CheckpointError, match="r20.safetensors holds weights of another architecture"):
+        load_state(create_model("resnet32"), state, str(path))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_model(junk)
