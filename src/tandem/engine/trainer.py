@@ -14,6 +14,7 @@ selection, progress bars and the metrics log.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -123,10 +124,10 @@ class Trainer:
             m.train()
         loader.set_epoch(self.epoch)
         sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(loader, desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
-                   leave=False, disable=not self.cfg.progress, dynamic_ncols=True)
+        bar = self._bar
+        bar.set_description(f"{self.stage} epoch {self.epoch + 1}/{self.cfg.epochs}")
         check_every = 1 if self.device.type == "cpu" else 25
-        for i, (x, y) in enumerate(bar):
+        for i, (x, y) in enumerate(loader):
             losses = self.objective(self.forward(x), y, x)
             total = sum(losses.values())
             for opt in self.optimizers.values():
@@ -137,6 +138,7 @@ class Trainer:
                 opt.step()
                 self.schedulers[n].step()
             self.step += 1
+            bar.update()
             self._hook("after_step")
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -146,7 +148,7 @@ class Trainer:
                         f"loss became NaN or infinite in stage '{self.stage}' at epoch {self.epoch + 1}, "
                         f"step {i + 1}; the last good checkpoint is kept at {self.ckpt_path}")
                 if self.cfg.progress:
-                    bar.set_postfix(loss=f"{total.item():.3f}")
+                    bar.set_postfix(loss=f"{total.item():.3f}", **self._last_val, refresh=False)
         return {k: (v / max(1, len(loader))).item() for k, v in sums.items()}
 
     def fit(self, train_loader, val_loader=None, resume: bool = False) -> dict:
@@ -155,14 +157,32 @@ class Trainer:
         if resume and self.resume():
             for n, s in self.schedulers.items():
                 s.load_state_dict(self._scheduler_state[n])
+        steps = len(train_loader)
+        self._last_val = {}
+        self._bar = tqdm(total=self.cfg.epochs * steps, initial=self.epoch * steps, desc=self.stage,
+                         disable=not self.cfg.progress, dynamic_ncols=True, unit="step",
+                         mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        try:
+            self._fit_epochs(train_loader, val_loader)
+        finally:
+            self._bar.close()
+        for n, m in self.nets.items():
+            if self.best[n]["state"] is not None:
+                m.load_state_dict(self.best[n]["state"])
+        return {n: {"val_top1": b["val_top1"], "epoch": b["epoch"]} for n, b in self.best.items()}
+
+    def _fit_epochs(self, train_loader, val_loader) -> None:
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
             losses = self.train_epoch(train_loader)
-            record = {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step,
+            train_time = time.perf_counter() - start
+            record = {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step, "train_time": train_time,
                       "lr": next(iter(self.optimizers.values())).param_groups[0]["lr"], **losses}
             for n, m in self.nets.items():
                 val = evaluate(m, val_loader, self.autocast) if val_loader is not None else {"n": 0}
                 record[f"val_top1/{n}"] = val.get("top1")
+                if val["n"]:
+                    self._last_val[f"val_{n}"] = f"{val['top1']:.2f}"
                 has_val = val["n"] > 0
                 if not has_val or val["top1"] > self.best[n]["val_top1"]:
                     self.best[n] = {"val_top1": val["top1"] if has_val else float("nan"),
@@ -174,7 +194,3 @@ class Trainer:
             self.log.write(record, step=self.epoch)
             self._hook("on_epoch_end", self.epoch)
             self.save()
-        for n, m in self.nets.items():
-            if self.best[n]["state"] is not None:
-                m.load_state_dict(self.best[n]["state"])
-        return {n: {"val_top1": b["val_top1"], "epoch": b["epoch"]} for n, b in self.best.items()}
