@@ -51,12 +51,17 @@ def cmd_profile(ns) -> int:
     return 0
 
 
-def cmd_list(ns) -> int:
+def listings() -> dict[str, list[str]]:
+    """What `tandem list` shows: one entry per registry."""
     from .data import list_datasets
     from .methods import list_methods
     from .models import list_models
 
-    for title, names in (("models", list_models()), ("datasets", list_datasets()), ("methods", list_methods())):
+    return {"models": list_models(), "datasets": list_datasets(), "methods": list_methods()}
+
+
+def cmd_list(ns) -> int:
+    for title, names in listings().items():
         print(f"{title}: {', '.join(names)}")
     return 0
 

@@ -174,3 +174,15 @@ def profile(model: nn.Module, input_size=(3, 32, 32), *, w_bits=32, a_bits=32,
         bytes=_model_bytes(model, layer_w_bits, w_bits), nonzero_macs=sum(c.nonzero_macs for c in layers),
         layers=layers,
     )
+
+
+def bits_summary(report: CostReport) -> tuple:
+    """(w_bits, a_bits) for a results row: the number when every layer agrees, else 'mixed'."""
+    def one(values):
+        values = set(values)
+        return _fmt(values.pop()) if len(values) == 1 else "mixed"
+    w = one(c.w_bits for c in report.layers)
+    a = one(c.a_bits for c in report.layers)
+    as_num = lambda v: int(v) if v != "mixed" and float(v).is_integer() else v
+    return as_num(w), as_num(a)
+

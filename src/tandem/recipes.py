@@ -22,6 +22,7 @@ class ModelSpec(Section):
     name: str = "small_cnn"
     widths: Optional[list[int]] = None
     options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = None   # a pretrained model file (*.safetensors) to start from
 
     @field_validator("name")
     @classmethod

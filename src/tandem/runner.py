@@ -62,6 +62,20 @@ class RunContext:
         torch.manual_seed(self.recipe.seed)
         return create_model(**kwargs)
 
+    def pretrained(self) -> torch.nn.Module:
+        """The full-precision starting point of a compression method: `model.checkpoint` when the
+        recipe names one, else a baseline trained (and recorded) by this run first."""
+        ckpt = self.recipe.model.checkpoint
+        if ckpt:
+            from .engine import load_model
+            net, _ = load_model(ckpt)
+            return net.to(self.device)
+        net = self.create_model()
+        best = self.train_stage("baseline", {"baseline": net})
+        if not any(r["name"] == "baseline" for r in self.results):
+            self.record("baseline", net, best["baseline"]["val_top1"])
+        return net
+
     def train_stage(self, stage: str, nets: dict, objective=cross_entropy_objective, cfg=None,
                     frozen: dict | None = None, callbacks=()) -> dict:
         """Train `nets` for one stage; afterwards each holds its best-by-validation weights.
@@ -88,12 +102,16 @@ class RunContext:
         return best
 
     def record(self, name: str, net: torch.nn.Module, val_top1: float | None = None, *,
-               w_bits: int = 32, a_bits: int = 32, stage: str | None = None) -> dict:
-        """Evaluate `net` on test (and val when not given), count its cost, save it; one results row."""
+               stage: str | None = None, **cost_options) -> dict:
+        """Evaluate `net` on test (and val when not given), count its cost, save it; one results row.
+
+        Bits come from the layers themselves (quantized layers carry `w_bits`/`a_bits`);
+        `cost_options` go to `cost.profile` (e.g. `first_last_bits=8`)."""
         test = evaluate(net, self.eval_loader("test"))
         if val_top1 is None:
             val_top1 = evaluate(net, self.eval_loader("val"))["top1"]
-        c = cost.profile(net, self.input_size, w_bits=w_bits, a_bits=a_bits)
+        c = cost.profile(net, self.input_size, **cost_options)
+        w_bits, a_bits = cost.bits_summary(c)
         model_file = self.out_dir / "models" / f"{name}.safetensors"
         save_model(net, model_file, dataset=self.recipe.dataset.model_dump(mode="json"),
                    mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed)

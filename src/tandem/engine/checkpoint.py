@@ -50,9 +50,23 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a tandem checkpoint ({type(exc).__name__}: {exc})") from None
 
 
+_TRANSFORMS: dict = {}
+
+
+def register_transform(kind: str):
+    """Register `fn(model, spec) -> model`, re-applied by `load_model` to rebuild a model that was
+    changed after `create_model` (e.g. `quantize_` swapping layers). A transform records itself by
+    appending `{"kind": kind, ...}` to the model's `tandem_transforms` list."""
+    def deco(fn):
+        _TRANSFORMS[kind] = fn
+        return fn
+    return deco
+
+
 def save_model(model: torch.nn.Module, path: Path, **metadata) -> None:
-    """Weights as safetensors; `model.config` and any extra metadata as JSON in the header."""
+    """Weights as safetensors; `model.config`, its transforms and extra metadata as JSON in the header."""
     meta = {"config": json.dumps(getattr(model, "config", None)),
+            "transforms": json.dumps(getattr(model, "tandem_transforms", [])),
             **{k: json.dumps(v) for k, v in metadata.items()}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -96,5 +110,10 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     if not config:
         raise CheckpointError(f"{path} has no model config in its metadata; it was not written by tandem")
     model = create_model(**config)
+    for spec in meta.get("transforms") or []:
+        if spec.get("kind") not in _TRANSFORMS:
+            raise CheckpointError(f"{path} needs transform {spec.get('kind')!r}, which this version of tandem "
+                                  f"does not have (known: {', '.join(sorted(_TRANSFORMS)) or 'none'})")
+        model = _TRANSFORMS[spec["kind"]](model, spec)
     load_state(model, state, str(path))
     return model, meta
