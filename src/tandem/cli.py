@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,9 +17,28 @@ def _split_run_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _launch_torchrun(ns, argv: list[str]) -> int:
+    """`tandem run --nproc N ...` = `torchrun --nproc_per_node=N -m tandem.cli run ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}",
+           "-m", "tandem.cli", *rest]
+    print("launching: " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def cmd_run(ns) -> int:
+    from .engine import distributed
     from .recipes import load_recipe
-    from .runner import run
+    from .runner import default_out_dir, run
 
     recipe_path, overrides = _split_run_args(ns.args)
     if recipe_path is None and ns.resume and ns.out and (Path(ns.out) / "recipe.yaml").exists():
@@ -26,17 +46,27 @@ def cmd_run(ns) -> int:
     if ns.resume and not ns.out:
         raise TandemError("--resume needs --out RUN_DIR, the folder of the run to continue")
     recipe = load_recipe(recipe_path, overrides)
-    out = ns.out
+    if ns.nproc and ns.nproc > 1:   # check here what would fail in every rank, then launch
+        if recipe.train.batch_size % ns.nproc:
+            raise TandemError(f"train.batch_size = {recipe.train.batch_size} must be divisible by the "
+                              f"number of processes ({ns.nproc}); it is the global batch")
+        return _launch_torchrun(ns, ns.argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    # the folder is named here, before any work, so an interruption can say how to resume
+    out = ns.out or (default_out_dir(recipe) if "WORLD_SIZE" not in os.environ else None)
     try:
         results = run(recipe, out, resume=ns.resume)
     except KeyboardInterrupt:
-        where = out or "the run folder"
-        print(f"\ninterrupted; the last finished epoch is checkpointed. Resume with:\n"
-              f"  tandem run --resume --out {where}", file=sys.stderr)
+        if main_rank:
+            print(f"\ninterrupted; finished epochs are checkpointed. Resume with:\n"
+                  f"  tandem run --resume --out {out or 'RUN_DIR'}", file=sys.stderr)
         return 130
-    from .report import markdown_table
-    print(markdown_table(results["models"]))
-    print(f"\nwall time {results['wall_time_s']:.1f} s; report in {Path(out) if out else 'runs/'}")
+    finally:
+        distributed.cleanup()
+    if main_rank:
+        from .report import markdown_table
+        print(markdown_table(results["models"]))
+        print(f"\nwall time {results['wall_time_s']:.1f} s; report in {out or 'runs/'}")
     return 0
 
 
@@ -57,7 +87,10 @@ def listings() -> dict[str, list[str]]:
     from .methods import list_methods
     from .models import list_models
 
-    return {"models": list_models(), "datasets": list_datasets(), "methods": list_methods()}
+    from .prune import list_criteria
+
+    return {"models": list_models(), "datasets": list_datasets(), "methods": list_methods(),
+            "pruning criteria": list_criteria()}
 
 
 def cmd_list(ns) -> int:
@@ -102,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe YAML, then overrides such as train.epochs=5")
     r.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--nproc", type=int, default=0,
+                   help="train with N processes on this machine (launches torchrun --nproc_per_node=N)")
     r.set_defaults(fn=cmd_run)
 
     pr = sub.add_parser("profile", help="per-layer and total params, MACs, BOPs and bytes of a model")
@@ -128,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
+    ns.argv = argv
     try:
         return ns.fn(ns)
     except TandemError as exc:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .prune.spec import PruneSpec
 
 
 class Section(BaseModel):
@@ -63,6 +64,7 @@ class TrainSpec(Section):
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
     amp: bool = True
+    sync_bn: bool = True       # SyncBatchNorm under multi-GPU DDP (CUDA only; CPU ranks keep per-rank BN)
     progress: bool = True
 
     @model_validator(mode="after")
@@ -83,6 +85,7 @@ class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    prune: Optional[PruneSpec] = None   # the `prune` method's section (tandem.prune.spec)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -116,6 +119,7 @@ def _allowed_keys(model_cls, loc) -> list[str]:
     for part in loc[:-1]:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(field, "annotation", None)
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # Optional[Section]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         cls = ann
@@ -132,7 +136,7 @@ def _format_error(exc: ValidationError, raw: dict) -> str:
         return f"recipe error: unknown key '{key}'; allowed here: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"recipe error: '{key}' is required"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
     if isinstance(value, dict) and len(str(value)) > 80:
         value = "{...}"
     return f"recipe error: {key} = {value!r}: {msg}"
@@ -177,7 +181,8 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"recipe error: {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise RecipeError(f"recipe error: {path} is not valid YAML{where}: {problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

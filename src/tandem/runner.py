@@ -3,6 +3,8 @@
 A method is a function `method(ctx) -> None` that trains networks through `ctx.train_stage`
 and records each finished network with `ctx.record`. Stages that finished are skipped on
 `--resume`; a stage that was interrupted continues from its last epoch checkpoint.
+
+Under torchrun every rank runs all of this; only rank 0 writes files (see engine/distributed.py).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from . import cost
 from .data import BatchLoader, load_dataset
 from .engine import MetricsLog, Trainer, cross_entropy_objective, evaluate, resolve_device
+from .engine import distributed
 from .engine.checkpoint import atomic_write, read_model_file, load_state, save_model
 from .errors import TandemError
 from .provenance import git_commit, machine
@@ -27,11 +30,21 @@ class RunContext:
         self.recipe = recipe
         self.out_dir = Path(out_dir)
         self.resume = resume
+        self.dist = distributed.info()
         self.device = resolve_device(recipe.device)
-        self.data = load_dataset(recipe.dataset.name, recipe.dataset.root,
-                                 val_fraction=recipe.dataset.val_fraction, seed=recipe.seed,
-                                 **recipe.dataset.options)
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and recipe.train.batch_size % self.dist.world_size:
+            raise TandemError(f"train.batch_size = {recipe.train.batch_size} must be divisible by the "
+                              f"number of processes ({self.dist.world_size}); it is the global batch")
+        # rank 0 loads first, so a dataset that builds a decode cache builds it once
+        for turn in (True, False):
+            if self.dist.is_main == turn:
+                self.data = load_dataset(recipe.dataset.name, recipe.dataset.root,
+                                         val_fraction=recipe.dataset.val_fraction, seed=recipe.seed,
+                                         **recipe.dataset.options)
+            distributed.barrier()
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.dist.is_main else None)
         self.results: list[dict] = []
 
     # ---- data ----------------------------------------------------------------------------
@@ -40,12 +53,13 @@ class RunContext:
         return (self.data.in_channels, *self.data.image_size)
 
     def train_loader(self, cfg=None) -> BatchLoader:
+        """This rank's shard of the training set; `batch_size` is the global batch."""
         cfg = cfg or self.recipe.train
-        d = self.data
-        return BatchLoader(d.train, cfg.batch_size, shuffle=True,
+        d, world = self.data, self.dist.world_size
+        return BatchLoader(d.train, cfg.batch_size // world, shuffle=True,
                            augment=d.augment if self.recipe.dataset.augment else None,
                            mean=d.mean, std=d.std, device=self.device, seed=self.recipe.seed,
-                           drop_last=len(d.train) > cfg.batch_size)
+                           drop_last=len(d.train) > cfg.batch_size, rank=self.dist.rank, world_size=world)
 
     def eval_loader(self, split: str) -> BatchLoader:
         d = self.data
@@ -96,9 +110,11 @@ class RunContext:
         trainer = Trainer(nets, objective, cfg, device=self.device, frozen=frozen, callbacks=callbacks,
                           ckpt_path=stage_dir / "last.ckpt", log=self.log, stage=stage)
         best = trainer.fit(self.train_loader(cfg), self.eval_loader("val"), resume=self.resume)
-        for name, net in nets.items():
-            save_model(net, stage_dir / f"{name}.safetensors")
-        atomic_write(done_file, lambda tmp: Path(tmp).write_text(json.dumps(best)))
+        if self.dist.is_main:
+            for name, net in nets.items():
+                save_model(net, stage_dir / f"{name}.safetensors")
+            atomic_write(done_file, lambda tmp: Path(tmp).write_text(json.dumps(best)))
+        distributed.barrier()
         return best
 
     def record(self, name: str, net: torch.nn.Module, val_top1: float | None = None, *,
@@ -113,8 +129,9 @@ class RunContext:
         c = cost.profile(net, self.input_size, **cost_options)
         w_bits, a_bits = cost.bits_summary(c)
         model_file = self.out_dir / "models" / f"{name}.safetensors"
-        save_model(net, model_file, dataset=self.recipe.dataset.model_dump(mode="json"),
-                   mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed)
+        if self.dist.is_main:
+            save_model(net, model_file, dataset=self.recipe.dataset.model_dump(mode="json"),
+                       mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed)
         row = {"name": name, "stage": stage or name, "top1": test["top1"], "val_top1": val_top1,
                "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
                "w_bits": w_bits, "a_bits": a_bits, "model_file": str(model_file.relative_to(self.out_dir))}
@@ -127,12 +144,15 @@ def default_out_dir(recipe: Recipe) -> Path:
 
 
 def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> dict:
-    """Run a validated recipe into `out`; returns the results dict also written to results.json."""
+    """Run a validated recipe into `out`; returns the results dict also written to results.json.
+
+    Under torchrun this joins the process group and trains with DDP on every rank."""
     from .methods import get_method
     from .report import write_report
 
     method = get_method(recipe.method)
-    out_dir = Path(out) if out else default_out_dir(recipe)
+    dist_info = distributed.init_distributed(recipe.device)
+    out_dir = Path(out) if out else distributed.on_rank0(lambda: default_out_dir(recipe))
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise TandemError(f"run folder {out_dir} already holds a run; pass --resume to continue it, "
                           f"or choose another --out")
@@ -140,11 +160,14 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
         raise TandemError(f"cannot resume: run folder {out_dir} does not exist")
     start = time.perf_counter()
     ctx = RunContext(recipe, out_dir, resume=resume)   # loads data before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
     method(ctx)
     results = {"recipe": recipe.model_dump(mode="json"), "protocol": recipe.protocol,
                "models": ctx.results, "commit": git_commit(), "machine": machine(),
-               "wall_time_s": time.perf_counter() - start, "device": str(ctx.device)}
-    write_report(out_dir, results)
+               "wall_time_s": time.perf_counter() - start, "device": str(ctx.device),
+               "world_size": dist_info.world_size}
+    if dist_info.is_main:
+        write_report(out_dir, results)
     return results

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import TandemError
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import load_checkpoint, load_state, save_checkpoint
 from .evaluate import evaluate
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
@@ -56,15 +57,24 @@ def cross_entropy_objective(outputs: dict, y: torch.Tensor, x: torch.Tensor) -> 
 class Trainer:
     def __init__(self, nets: dict, objective: Objective, cfg, *, device="cpu", frozen: dict | None = None,
                  callbacks=(), ckpt_path: Path | None = None, log: MetricsLog | None = None,
-                 stage: str = "train", make_optimizer=None):
+                 stage: str = "train", make_optimizer=None, find_unused_parameters: bool = False):
         self.device = torch.device(device)
+        self.dist = distributed.info()
+        if self.dist.enabled and self.device.type == "cuda" and cfg.sync_bn:
+            nets = {n: torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for n, m in nets.items()}
         self.nets = {n: m.to(self.device) for n, m in nets.items()}
+        # what the forward pass calls: DDP wrappers under torchrun, the nets themselves otherwise
+        self.forward_nets = self.nets
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_nets = {n: torch.nn.parallel.DistributedDataParallel(
+                m, device_ids=ids, find_unused_parameters=find_unused_parameters) for n, m in self.nets.items()}
         self.frozen = {n: m.to(self.device).eval().requires_grad_(False) for n, m in (frozen or {}).items()}
         self.objective = objective
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
-        self.log = log or MetricsLog(None)
+        self.log = log if (log is not None and self.dist.is_main) else MetricsLog(None)
         self.stage = stage
         self.autocast = autocast_for(self.device, cfg.amp)
         make_optimizer = make_optimizer or (lambda net: build_optimizer(
@@ -86,7 +96,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         for n, m in self.nets.items():
-            m.load_state_dict(state["nets"][n])
+            load_state(m, state["nets"][n], f"checkpoint {self.ckpt_path}")
             self.optimizers[n].load_state_dict(state["optimizers"][n])
         self._scheduler_state = state["schedulers"]
         self.epoch, self.step = state["epoch"], state["step"]
@@ -101,7 +111,7 @@ class Trainer:
         return True
 
     def save(self) -> None:
-        if self.ckpt_path is not None:
+        if self.ckpt_path is not None and self.dist.is_main:
             save_checkpoint(self.state_dict(), self.ckpt_path)
 
     # ---- the loop ----------------------------------------------------------------------
@@ -113,7 +123,7 @@ class Trainer:
 
     def forward(self, x: torch.Tensor) -> dict:
         with self.autocast():
-            outputs = {n: m(x) for n, m in self.nets.items()}
+            outputs = {n: m(x) for n, m in self.forward_nets.items()}
             if self.frozen:
                 with torch.no_grad():
                     outputs.update({n: m(x) for n, m in self.frozen.items()})
@@ -143,13 +153,16 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             if (i + 1) % check_every == 0 or i + 1 == len(loader):
-                if not torch.isfinite(sum(sums.values())).item():
+                finite = torch.isfinite(sum(sums.values())).float()
+                if self.dist.enabled:   # every rank stops together, none waits forever
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not finite.item():
                     raise TrainingDiverged(
                         f"loss became NaN or infinite in stage '{self.stage}' at epoch {self.epoch + 1}, "
                         f"step {i + 1}; the last good checkpoint is kept at {self.ckpt_path}")
                 if self.cfg.progress:
                     bar.set_postfix(loss=f"{total.item():.3f}", **self._last_val, refresh=False)
-        return {k: (v / max(1, len(loader))).item() for k, v in sums.items()}
+        return {k: (distributed.all_reduce_mean(v) / max(1, len(loader))).item() for k, v in sums.items()}
 
     def fit(self, train_loader, val_loader=None, resume: bool = False) -> dict:
         """Train for cfg.epochs; afterwards each net holds its best-by-validation weights."""
@@ -160,7 +173,7 @@ class Trainer:
         steps = len(train_loader)
         self._last_val = {}
         self._bar = tqdm(total=self.cfg.epochs * steps, initial=self.epoch * steps, desc=self.stage,
-                         disable=not self.cfg.progress, dynamic_ncols=True, unit="step",
+                         disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True, unit="step",
                          mininterval=0.5 if sys.stderr.isatty() else 10.0)
         try:
             self._fit_epochs(train_loader, val_loader)

@@ -1,0 +1,22 @@
+"""Pruning: criteria score channels, selection picks them, masks zero them, surgery removes them.
+
+    from tandem.prune import prune
+    small = prune(model, torch.randn(1, 3, 32, 32), criterion="fpgm", macs_target=0.5)
+
+Modules: groups (which channels are coupled, traced with torch.fx), criteria (l1, l2, fpgm,
+bn_scale, hrank, random), select (per-layer / global / MACs target), masks (hard, soft, gates,
+per-weight magnitude), surgery (the smaller nn.Module), schedules (engine callbacks), api.
+"""
+from .api import ChannelPruner, prune
+from .criteria import Criterion, get_criterion, list_criteria, register_criterion
+from .groups import ChannelGraph, Group, Member
+from .masks import apply_weight_masks, attach_gate, magnitude_masks, zero_channels
+from .schedules import KeepMasked, SlimmingPenalty, SoftPruning
+from .select import MacsModel, select
+from .spec import PruneSpec
+from .surgery import apply_removal, remove_channels
+
+__all__ = ["prune", "ChannelPruner", "ChannelGraph", "Group", "Member", "Criterion", "get_criterion",
+           "list_criteria", "register_criterion", "select", "MacsModel", "zero_channels", "attach_gate",
+           "magnitude_masks", "apply_weight_masks", "remove_channels", "apply_removal", "SlimmingPenalty",
+           "SoftPruning", "KeepMasked", "PruneSpec"]

@@ -1,0 +1,84 @@
+"""``prune(model, example_input, ...)``: criterion -> selection -> surgery in one call, and the
+``ChannelPruner`` object that schedules (soft, iterative) call once per epoch or step."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import TandemError
+from .criteria import Criterion, get_criterion
+from .groups import ChannelGraph
+from .masks import apply_weight_masks, magnitude_masks, zero_channels
+from .select import Removed, check_args, select
+from .surgery import apply_removal
+
+
+class ChannelPruner:
+    """Scores and selects channels of one model with one criterion and one target.
+
+    ``plan()`` reads the current weights (so it can be called again as training goes on),
+    ``mask(removed)`` zeroes those channels in place, ``apply(removed)`` returns the physically
+    smaller model."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, criterion: str | Criterion = "l1", *,
+                 ratio: Optional[float] = None, macs_target: Optional[float] = None, scope: Optional[str] = None,
+                 max_ratio: float = 0.9, normalize: str = "auto", data: Optional[Iterable] = None,
+                 criterion_options: Optional[dict] = None):
+        self.criterion = criterion if isinstance(criterion, Criterion) else \
+            get_criterion(criterion, **(criterion_options or {}))
+        scope = scope or ("global" if self.criterion.name == "bn_scale" else "layer")
+        normalize = self.criterion.normalize if normalize == "auto" else normalize
+        check_args(ratio, macs_target, scope, max_ratio, normalize)
+        self.options = dict(ratio=ratio, macs_target=macs_target, scope=scope, max_ratio=max_ratio,
+                            normalize=normalize)
+        self.graph = ChannelGraph(model, example_input)
+        if not self.graph.groups:
+            raise TandemError(f"{type(model).__name__} has no prunable channel groups")
+        self.data = data if data is not None else [example_input]
+
+    def scores(self) -> dict:
+        if self.criterion.needs_data:
+            self.criterion.prepare(self.graph, self.data)
+        return {g.name: self.criterion.score(self.graph, g) for g in self.graph.groups}
+
+    def plan(self) -> Removed:
+        return select(self.graph, self.scores(), **self.options)
+
+    def mask(self, removed: Removed, soft: bool = False) -> None:
+        zero_channels(self.graph, removed, soft=soft)
+
+    def apply(self, removed: Removed, inplace: bool = False) -> nn.Module:
+        return apply_removal(self.graph, removed, inplace=inplace)
+
+
+def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", *, ratio: Optional[float] = None,
+          macs_target: Optional[float] = None, scope: Optional[str] = None, max_ratio: float = 0.9,
+          normalize: str = "auto", data: Optional[Iterable] = None, inplace: bool = False,
+          **criterion_options) -> nn.Module:
+    """Prune ``model`` and return the physically smaller model (the input is left unchanged
+    unless ``inplace``).
+
+    ``ratio``: fraction of channels removed (per layer, or across layers with
+    ``scope='global'``); ``macs_target``: fraction of MACs that remain (0.5 = half). ``data``:
+    batches for data-driven criteria (hrank); default: the example input. A built-in model
+    comes back as ``create_model(name, widths=...)`` with the kept weights.
+
+    ``criterion='magnitude'`` is unstructured: the model keeps its shape, the smallest weights
+    become zero (``ratio`` of them, or ``1 - macs_target``), and cost.profile's nonzero_macs
+    reports the saving.
+    """
+    if criterion == "magnitude":
+        if (ratio is None) == (macs_target is None):
+            raise TandemError("give exactly one of ratio or macs_target")
+        if macs_target is not None and not 0 < macs_target <= 1:
+            raise TandemError(f"macs_target={macs_target!r} is outside the allowed range (0, 1]")
+        sparsity = ratio if ratio is not None else 1 - macs_target
+        out = model if inplace else copy.deepcopy(model)
+        apply_weight_masks(out, magnitude_masks(out, sparsity, scope or "layer"))
+        return out
+    pruner = ChannelPruner(model, example_input, criterion, ratio=ratio, macs_target=macs_target, scope=scope,
+                           max_ratio=max_ratio, normalize=normalize, data=data, criterion_options=criterion_options)
+    return pruner.apply(pruner.plan(), inplace=inplace)

@@ -1,0 +1,158 @@
+"""Importance criteria: each scores the channels of a group (higher = more important).
+
+A group may have several producers (convs tied by residual additions, a depthwise conv following
+its expansion); their per-channel scores are summed, as PIC-PQ does for tied layers (methods.md
+§4.3). A criterion returns None for a group it cannot score (bn_scale without a BN, hrank on a
+linear layer): selection then leaves that group whole.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import TandemError
+from .groups import ChannelGraph, Group
+
+_CRITERIA: dict[str, Callable[..., "Criterion"]] = {}
+
+
+def register_criterion(name: str):
+    def deco(cls):
+        _CRITERIA[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def list_criteria() -> list[str]:
+    """Structured (channel) criteria, then 'magnitude' (unstructured, per weight)."""
+    return sorted(_CRITERIA) + ["magnitude"]
+
+
+def get_criterion(name: str, **options) -> "Criterion":
+    if name not in _CRITERIA:
+        raise TandemError(f"unknown pruning criterion {name!r}; allowed: {', '.join(list_criteria())}")
+    return _CRITERIA[name](**options)
+
+
+class Criterion:
+    """Base: ``prepare`` sees the model once (data-driven criteria collect statistics there),
+    ``score(graph, group)`` returns a tensor of ``group.size`` scores or None."""
+    name = "?"
+    needs_data = False
+    normalize = "mean"   # how global ranking makes scores of different layers comparable
+
+    def prepare(self, graph: ChannelGraph, batches: Iterable[torch.Tensor] = ()) -> None:
+        pass
+
+    def score(self, graph: ChannelGraph, group: Group) -> Optional[torch.Tensor]:
+        total = None
+        for m in group.of_kind("out", "dw"):
+            w = graph.module(m.module).weight.detach()
+            filters = w[m.offset:m.offset + group.size].flatten(1).float()
+            s = self.filter_scores(filters)
+            total = s if total is None else total + s
+        return total
+
+    def filter_scores(self, filters: torch.Tensor) -> torch.Tensor:   # (n, k) -> (n,)
+        raise NotImplementedError
+
+
+@register_criterion("l1")
+class L1(Criterion):
+    """Li et al. 2017 (PFEC): the L1 norm of each filter."""
+    def filter_scores(self, filters):
+        return filters.abs().sum(1)
+
+
+@register_criterion("l2")
+class L2(Criterion):
+    """The L2 norm of each filter (SFP's criterion)."""
+    def filter_scores(self, filters):
+        return filters.norm(dim=1)
+
+
+@register_criterion("fpgm")
+class FPGM(Criterion):
+    """He et al. 2019: S_i = sum_j ||F_i - F_j||_2 over the layer's filters; the smallest are
+    nearest the geometric median, so they are the most replaceable."""
+    def filter_scores(self, filters):
+        return torch.cdist(filters[None], filters[None])[0].sum(1)
+
+
+@register_criterion("bn_scale")
+class BNScale(Criterion):
+    """Network slimming (Liu et al. 2017): |gamma| of the BN after each channel; trained with an
+    L1 penalty on gamma (schedules.SlimmingPenalty) and ranked globally on raw values."""
+    normalize = "none"
+
+    def score(self, graph, group):
+        bns = group.of_kind("bn")
+        if not bns:
+            return None
+        return sum(graph.module(m.module).weight.detach()[m.offset:m.offset + group.size].abs().float()
+                   for m in bns)
+
+
+@register_criterion("hrank")
+class HRank(Criterion):
+    """Lin et al. 2020: the average matrix rank of each channel's H x W output map (the conv's
+    output, before BN, as in PIC-PQ's generate_rank.py) over the given batches."""
+    needs_data = True
+
+    def __init__(self, batches: int = 6):
+        self.batches = batches
+        self.ranks: dict[str, torch.Tensor] = {}
+
+    def prepare(self, graph, batches=()):
+        names = {m.module for g in graph.groups for m in g.of_kind("out", "dw")
+                 if isinstance(graph.module(m.module), nn.Conv2d)}
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def hook(name):
+            def fn(_module, _inputs, out):
+                r = torch.linalg.matrix_rank(out.detach().float()).sum(0).cpu()
+                sums[name] = sums.get(name, 0) + r
+                counts[name] = counts.get(name, 0) + out.shape[0]
+            return fn
+
+        handles = [graph.module(n).register_forward_hook(hook(n)) for n in names]
+        model, seen = graph.model, 0
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad():
+                for x in batches:
+                    if seen >= self.batches:
+                        break
+                    model(x[0] if isinstance(x, (tuple, list)) else x)
+                    seen += 1
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes:
+                m.training = training
+        if seen == 0:
+            raise TandemError("the hrank criterion needs input batches to measure feature-map ranks")
+        self.ranks = {n: sums[n] / counts[n] for n in sums}
+
+    def score(self, graph, group):
+        parts = []
+        for m in group.of_kind("out", "dw"):
+            if m.module not in self.ranks:
+                return None    # a linear producer: a rank of a 1x1 map says nothing
+            parts.append(self.ranks[m.module][m.offset:m.offset + group.size])
+        return sum(parts) if parts else None
+
+
+@register_criterion("random")
+class Random(Criterion):
+    """Uniform random scores: the control every criterion should beat."""
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def score(self, graph, group):
+        return torch.rand(group.size, generator=self.generator)

@@ -1,0 +1,310 @@
+"""Which output channels must be removed together: a channel-dependency graph traced with torch.fx.
+
+Every conv/linear output starts an *origin* (a run of channels). A residual addition (or a
+multiplication, e.g. squeeze-excitation) ties the origins of its two inputs; concatenation puts
+origins side by side; BN and depthwise convs follow their input's channels; a flatten after
+pooling spreads each channel over H*W features of the next linear. A *group* is a set of tied
+origins: its channels are scored, masked and removed together.
+
+Anything the tracer does not understand (channel padding or slicing as in the option-A
+shortcut, reshapes, a layer called twice, a bias added from outside, the network output)
+*freezes* the origins it touches. So whatever stays prunable can be removed exactly: the
+physically smaller model computes what the masked model computes.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import TandemError
+
+
+@dataclass(frozen=True)
+class Member:
+    """One place a group's channels live: ``kind`` is 'out' (filters of a conv/linear), 'dw'
+    (a depthwise conv's channels), 'bn' (BN entries) or 'in' (a consumer's input channels);
+    the group's channel i is index ``offset + i`` there (times ``repeat`` features after a
+    flatten, for a linear consumer)."""
+    module: str
+    kind: str
+    offset: int = 0
+    repeat: int = 1
+
+
+@dataclass
+class Group:
+    name: str                 # the first producer's module name
+    size: int
+    members: list[Member] = field(default_factory=list)
+
+    def of_kind(self, *kinds: str) -> list[Member]:
+        return [m for m in self.members if m.kind in kinds]
+
+
+@dataclass
+class Layer:
+    """A conv/linear call: MACs = unit * out * in_per_group (depthwise: in_per_group = 1)."""
+    name: str
+    unit: float
+    out: int
+    in_pg: int
+    depthwise: bool
+
+
+# ops and modules that map a zero channel to a zero channel and keep channels in place
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Identity,
+                 nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool2d)
+_PASS_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, torch.tanh, F.dropout,
+               F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.nn.functional.relu_}
+_PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
+_TIE_OPS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, torch.add, torch.mul, torch.sub}
+_TIE_METHODS = {"add", "add_", "mul", "mul_", "sub"}
+
+
+class ChannelGraph:
+    """Trace ``model`` on ``example_input`` and find its prunable channel groups and the MACs
+    of each conv/linear layer (for MACs-target selection)."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.model = model
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:  # fx raises many types for untraceable Python control flow
+            raise TandemError(f"cannot trace {type(model).__name__} with torch.fx for channel pruning "
+                              f"({type(exc).__name__}: {exc}); data-dependent control flow is not supported") from None
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        finally:
+            for m, training in modes:
+                m.training = training
+        self._modules = dict(model.named_modules())
+        self._sizes: list[int] = []
+        self._parent: list[int] = []
+        self._frozen: set[int] = set()
+        self._members: dict[int, list[Member]] = {}
+        self._calls: dict[str, int] = {}
+        self.layers: dict[str, Layer] = {}
+        self._walk(gm.graph)
+        self.groups = self._collect()
+
+    # ---- union-find over origins ------------------------------------------------------------
+    def _new(self, size: int, frozen: bool = False) -> int:
+        self._sizes.append(size)
+        self._parent.append(len(self._parent))
+        self._members[len(self._sizes) - 1] = []
+        if frozen:
+            self._frozen.add(len(self._sizes) - 1)
+        return len(self._sizes) - 1
+
+    def _find(self, o: int) -> int:
+        while self._parent[o] != o:
+            self._parent[o] = self._parent[self._parent[o]]
+            o = self._parent[o]
+        return o
+
+    def _union(self, a: int, b: int) -> None:
+        self._parent[self._find(a)] = self._find(b)
+
+    def _freeze(self, view) -> None:
+        if view is not None:
+            for o, _ in view[0]:
+                self._frozen.add(o)
+
+    # ---- the walk ---------------------------------------------------------------------------
+    @staticmethod
+    def _shape(node):
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def _fresh(self, node, frozen: bool = True):
+        shape = self._shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        return (((self._new(shape[1], frozen=frozen), shape[1]),), 1)
+
+    def _walk(self, graph: fx.Graph) -> None:
+        views: dict = {}   # node -> (((origin, length), ...), repeat) or None
+
+        def view_of(a):
+            return views.get(a) if isinstance(a, fx.Node) else None
+
+        def all_nodes(args):
+            out = []
+            for a in args:
+                if isinstance(a, fx.Node):
+                    out.append(a)
+                elif isinstance(a, (list, tuple)):
+                    out += all_nodes(a)
+                elif isinstance(a, dict):
+                    out += all_nodes(list(a.values()))
+            return out
+
+        def unknown(node):
+            for a in all_nodes(list(node.args) + list(node.kwargs.values())):
+                self._freeze(views.get(a))
+            return self._fresh(node)
+
+        def members(view, module, kind):
+            offset = 0
+            for o, n in view[0]:
+                self._members[o].append(Member(module, kind, offset * view[1], view[1]))
+                offset += n
+
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                views[node] = self._fresh(node)
+            elif node.op == "get_attr":
+                views[node] = None
+            elif node.op == "output":
+                for a in all_nodes(node.args):
+                    self._freeze(views.get(a))
+            elif node.op == "call_module":
+                views[node] = self._module(node, views, view_of, unknown, members)
+            else:
+                views[node] = self._function(node, view_of, unknown, all_nodes)
+        for name, count in self._calls.items():
+            if count > 1:   # shared weights: removing a channel for one call would change the other
+                for o, ms in self._members.items():
+                    if any(m.module == name for m in ms):
+                        self._frozen.add(o)
+
+    def _module(self, node, views, view_of, unknown, members):
+        name, mod = node.target, self._modules[node.target]
+        x = view_of(node.args[0]) if node.args else None
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            self._calls[name] = self._calls.get(name, 0) + 1
+            self._add_layer(name, mod, node)
+        if x is None and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
+            return self._fresh(node, frozen=isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)))
+        if isinstance(mod, nn.Conv2d):
+            if x[1] != 1:
+                return unknown(node)
+            if mod.groups == 1:
+                members(x, name, "in")
+                out = self._new(mod.out_channels)
+                self._members[out].append(Member(name, "out"))
+                return (((out, mod.out_channels),), 1)
+            if mod.groups == mod.in_channels == mod.out_channels:
+                members(x, name, "dw")
+                return x
+            return unknown(node)
+        if isinstance(mod, nn.Linear):
+            shape = self._shape(node.args[0])
+            if shape is None or len(shape) != 2:
+                return unknown(node)
+            members(x, name, "in")
+            out = self._new(mod.out_features)
+            self._members[out].append(Member(name, "out"))
+            return (((out, mod.out_features),), 1)
+        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)) and x[1] == 1:
+            members(x, name, "bn")
+            return x
+        if isinstance(mod, _PASS_MODULES):
+            return x
+        if isinstance(mod, nn.Flatten):
+            return self._flatten(node, x, mod.start_dim, unknown)
+        return unknown(node)
+
+    def _add_layer(self, name, mod, node):
+        out_shape = self._shape(node)
+        macs = mod.weight[0].numel() * math.prod(out_shape[1:])
+        conv = isinstance(mod, nn.Conv2d)
+        out = mod.out_channels if conv else mod.out_features
+        in_pg = (mod.in_channels // mod.groups) if conv else mod.in_features
+        dw = conv and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        self.layers[name] = Layer(name, macs / (out * in_pg), out, in_pg, dw)
+
+    def _flatten(self, node, x, start_dim, unknown):
+        shape = self._shape(node.args[0])
+        if x is None or shape is None or start_dim != 1 or len(shape) < 2:
+            return unknown(node)
+        return (x[0], x[1] * math.prod(shape[2:]))
+
+    def _function(self, node, view_of, unknown, all_nodes):
+        fn, args = node.target, node.args
+        x = view_of(args[0]) if args else None
+        if node.op == "call_method" and fn in ("size", "dim"):
+            return None
+        if fn is getattr or (fn is operator.getitem and x is None):
+            return None
+        is_tie = (node.op == "call_function" and fn in _TIE_OPS) or (node.op == "call_method" and fn in _TIE_METHODS)
+        if is_tie:
+            return self._tie(node, view_of, unknown)
+        if (node.op == "call_function" and fn in _PASS_FUNCS) or (node.op == "call_method" and fn in _PASS_METHODS):
+            return x if x is not None and x[1] == 1 else unknown(node)
+        if fn in (torch.flatten,) or (node.op == "call_method" and fn == "flatten"):
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            return self._flatten(node, x, start, unknown)
+        if fn in (torch.cat, torch.concat):
+            tensors = args[0]
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            views = [view_of(t) for t in tensors]
+            shape = self._shape(node)
+            if shape is None or dim not in (1, 1 - len(shape)) or any(v is None or v[1] != 1 for v in views):
+                return unknown(node)
+            return (tuple(seg for v in views for seg in v[0]), 1)
+        if node.op == "call_method" and fn in ("mean", "sum") or fn in (torch.mean, torch.sum):
+            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            shape = self._shape(args[0])
+            if x is not None and x[1] == 1 and shape and dims and all(d % len(shape) >= 2 for d in dims):
+                return x
+            return unknown(node)
+        if node.op == "call_method" and fn in ("view", "reshape") or fn is torch.reshape:
+            shape_in, shape_out = self._shape(args[0]), self._shape(node)
+            if x is not None and shape_in and shape_out and len(shape_out) == 2 and shape_out[0] == shape_in[0] \
+                    and len(shape_in) >= 2:
+                return (x[0], x[1] * math.prod(shape_in[2:]))
+            return unknown(node)
+        return unknown(node)
+
+    def _tie(self, node, view_of, unknown):
+        """a + b, a * b: channels at the same position are one channel."""
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and self._shape(a) is not None]
+        if len(tensors) == 1 and all(not isinstance(a, fx.Node) for a in node.args if a is not tensors[0]):
+            x = view_of(tensors[0])
+            return x   # a tensor and a Python scalar
+        views = [view_of(t) for t in tensors]
+        shapes = [self._shape(t) for t in tensors]
+        if len(views) != 2 or any(v is None for v in views) or views[0][1] != views[1][1] \
+                or [n for _, n in views[0][0]] != [n for _, n in views[1][0]] or len(set(map(len, shapes))) != 1:
+            return unknown(node)
+        for (a, _), (b, _) in zip(views[0][0], views[1][0]):
+            self._union(a, b)
+        return views[0]
+
+    # ---- result -----------------------------------------------------------------------------
+    def _collect(self) -> list[Group]:
+        roots: dict[int, list[int]] = {}
+        for o in range(len(self._sizes)):
+            roots.setdefault(self._find(o), []).append(o)
+        groups = []
+        for origins in roots.values():
+            if any(o in self._frozen for o in origins):
+                continue
+            members = [m for o in origins for m in self._members[o]]
+            outs = [m for m in members if m.kind == "out"]
+            if not outs:
+                continue
+            groups.append(Group(outs[0].module, self._sizes[origins[0]], members))
+        order = {name: i for i, name in enumerate(self.layers)}
+        groups.sort(key=lambda g: order.get(g.name, 0))
+        return groups
+
+    @property
+    def macs(self) -> float:
+        return sum(layer.unit * layer.out * layer.in_pg for layer in self.layers.values())
+
+    def module(self, name: str) -> nn.Module:
+        return self._modules[name]

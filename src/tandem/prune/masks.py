@@ -1,0 +1,95 @@
+"""Masks: zeroing channels in place (hard or soft), gating them (the hook point for PDD's and
+SBS's learned gates), and per-weight magnitude masks (Han et al.).
+
+A *hard* channel mask zeroes everything that produces the channel: the filters and biases of
+its convs/linears and depthwise convs and the BN's scale and shift. The channel is then 0
+after every activation that keeps 0 at 0, so removing it (surgery) changes no output.
+A *soft* mask (SFP) zeroes only the filters: BN's shift and the gradients let them regrow.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import TandemError
+from .groups import ChannelGraph, Group
+from .select import Removed
+
+
+@torch.no_grad()
+def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False) -> None:
+    for group in graph.groups:
+        idx = removed.get(group.name)
+        if idx is None or len(idx) == 0:
+            continue
+        for m in group.members:
+            mod = graph.module(m.module)
+            rows = idx.to(mod.weight.device) + m.offset if mod.weight is not None else idx + m.offset
+            if m.kind in ("out", "dw"):
+                mod.weight[rows] = 0
+                if getattr(mod, "bias", None) is not None and not soft:
+                    mod.bias[rows] = 0
+            elif m.kind == "bn" and not soft and mod.affine:
+                mod.weight[rows] = 0
+                mod.bias[rows] = 0
+
+
+def attach_gate(graph: ChannelGraph, group: Group, gate: Callable[[], torch.Tensor]) -> list:
+    """Multiply the group's channels by ``gate()`` (a (size,) tensor, e.g. a learned binary
+    mask with a straight-through gradient) wherever they are produced: after each BN of the
+    group, else after each producer. Gating the producers of a residual sum gates the sum.
+    Returns the hook handles (``h.remove()`` detaches)."""
+    sites = group.of_kind("bn") or group.of_kind("out", "dw")
+
+    def hook(offset):
+        def fn(_module, _inputs, out):
+            g = gate().to(out.dtype)
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            scale = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
+            scale = torch.cat([scale[:offset], g.to(out.device), scale[offset + group.size:]])
+            return out * scale.view(shape)
+        return fn
+
+    return [graph.module(m.module).register_forward_hook(hook(m.offset)) for m in sites]
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights unstructured pruning masks: every conv's and linear's."""
+    return {f"{n}.weight" if n else "weight": m.weight for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+@torch.no_grad()
+def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Han et al.: keep the largest-|w| weights. ``sparsity`` of each layer's weights (layer
+    scope), or of all weights ranked together (global), become zero. Every layer keeps at
+    least one weight."""
+    if not 0 <= sparsity < 1:
+        raise TandemError(f"ratio={sparsity!r} is outside the allowed range [0, 1)")
+    if scope not in ("layer", "global"):
+        raise TandemError(f"scope={scope!r} is not allowed; choose one of ['layer', 'global']")
+    weights = prunable_weights(model)
+    if scope == "global":
+        flat = torch.cat([w.abs().flatten().float() for w in weights.values()])
+        k = int(sparsity * flat.numel())
+        threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
+        masks = {n: w.abs() > threshold for n, w in weights.items()}
+    else:
+        masks = {}
+        for n, w in weights.items():
+            k = int(sparsity * w.numel())
+            threshold = w.abs().flatten().kthvalue(k).values if k > 0 else w.abs().min() - 1
+            masks[n] = w.abs() > threshold
+    for n, w in weights.items():   # never empty a layer
+        if not masks[n].any():
+            masks[n].view(-1)[w.abs().argmax()] = True
+    return masks
+
+
+@torch.no_grad()
+def apply_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    weights = prunable_weights(model)
+    for n, mask in masks.items():
+        weights[n].mul_(mask.to(weights[n].device, weights[n].dtype))

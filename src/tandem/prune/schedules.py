@@ -1,0 +1,71 @@
+"""Engine callbacks that prune while training, and the iterative schedule's step targets.
+
+- SlimmingPenalty: network slimming's L1 on BN scales, as a subgradient after backward (§6.4).
+- SoftPruning: SFP/FPGM, zero the weakest filters at every epoch end and let them regrow (§6.6).
+- KeepMasked: unstructured masks held on weights and gradients while fine-tuning (Han et al.).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .masks import apply_weight_masks, prunable_weights
+
+
+class SlimmingPenalty:
+    """gamma.grad += lam * sign(gamma) for every BN of the trained networks."""
+
+    def __init__(self, lam: float = 1e-4):
+        self.lam = lam
+
+    @torch.no_grad()
+    def after_backward(self, trainer) -> None:
+        for net in trainer.nets.values():
+            for m in net.modules():
+                if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine and m.weight.grad is not None:
+                    m.weight.grad.add_(torch.sign(m.weight), alpha=self.lam)
+
+
+class SoftPruning:
+    """At each epoch end re-score with the pruner's criterion and zero the selected filters
+    (soft: BN and gradients untouched, so they can regrow). ``history`` keeps, per epoch, the
+    number of zeroed channels and how many of them were zeroed at the previous epoch too."""
+
+    def __init__(self, pruner, every: int = 1):
+        self.pruner, self.every = pruner, every
+        self.history: list[dict] = []
+        self._last: dict = {}
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        if epoch % self.every:
+            return
+        removed = self.pruner.plan()
+        self.pruner.mask(removed, soft=True)
+        same = sum(len(set(v.tolist()) & set(self._last.get(k, torch.tensor([])).tolist()))
+                   for k, v in removed.items())
+        self.history.append({"epoch": epoch, "zeroed": sum(len(v) for v in removed.values()), "same_as_before": same})
+        self._last = removed
+
+
+class KeepMasked:
+    """Hold per-weight masks: gradients are masked before the step, weights after it (so
+    momentum and weight decay cannot revive a pruned weight)."""
+
+    def __init__(self, model: nn.Module, masks: dict):
+        self.weights = prunable_weights(model)
+        self.model, self.masks = model, masks
+
+    @torch.no_grad()
+    def after_backward(self, trainer) -> None:
+        for n, mask in self.masks.items():
+            g = self.weights[n].grad
+            if g is not None:
+                g.mul_(mask.to(g.device, g.dtype))
+
+    def after_step(self, trainer) -> None:
+        apply_weight_masks(self.model, self.masks)
+
+
+def step_fraction(total_keep: float, steps: int) -> float:
+    """The keep fraction of each of ``steps`` equal steps whose product is ``total_keep``."""
+    return total_keep ** (1.0 / steps)

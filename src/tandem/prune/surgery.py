@@ -1,0 +1,139 @@
+"""Surgery: turn "remove these channels" into a physically smaller model with the kept weights.
+
+Each module collects the indices it loses along each axis (filters, input channels, BN
+entries, depthwise channels) from every group it belongs to, then its tensors are sliced once.
+A model built by ``create_model`` is then rebuilt from its config with the new widths and the
+sliced weights loaded into it, so the result carries a ``config`` that ``load_model`` (and
+``tandem eval``) can rebuild without the original definition.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from ..errors import TandemError
+from .groups import ChannelGraph
+from .select import Removed
+
+
+def _keep(n: int, drop: set[int], device) -> torch.Tensor:
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long, device=device)
+
+
+def _param(t: torch.Tensor, idx: torch.Tensor, dim: int, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.index_select(dim, idx).clone(), requires_grad=like.requires_grad)
+
+
+@torch.no_grad()
+def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
+    """Slice the traced model in place (its modules change size)."""
+    out_drop: dict[str, set[int]] = {}
+    in_drop: dict[str, set[int]] = {}
+    for group in graph.groups:
+        idx = removed.get(group.name)
+        if idx is None or len(idx) == 0:
+            continue
+        if len(idx) >= group.size:
+            raise TandemError(f"cannot remove all {group.size} channels of {group.name}")
+        for m in group.members:
+            if m.kind == "in":
+                in_drop.setdefault(m.module, set()).update(
+                    (m.offset + int(i) * m.repeat) + r for i in idx for r in range(m.repeat))
+            else:
+                out_drop.setdefault(m.module, set()).update(m.offset + int(i) for i in idx)
+    for name in set(out_drop) | set(in_drop):
+        mod = graph.module(name)
+        dev = mod.weight.device if getattr(mod, "weight", None) is not None else None
+        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            keep = _keep(mod.num_features, out_drop[name], mod.running_mean.device)
+            if mod.affine:
+                mod.weight = _param(mod.weight, keep, 0, mod.weight)
+                mod.bias = _param(mod.bias, keep, 0, mod.bias)
+            mod.running_mean = mod.running_mean.index_select(0, keep).clone()
+            mod.running_var = mod.running_var.index_select(0, keep).clone()
+            mod.num_features = len(keep)
+        elif isinstance(mod, nn.Conv2d):
+            depthwise = mod.groups > 1
+            if name in out_drop:
+                keep = _keep(mod.out_channels, out_drop[name], dev)
+                mod.weight = _param(mod.weight, keep, 0, mod.weight)
+                if mod.bias is not None:
+                    mod.bias = _param(mod.bias, keep, 0, mod.bias)
+                mod.out_channels = len(keep)
+                if depthwise:
+                    mod.in_channels = mod.groups = len(keep)
+            if name in in_drop:
+                keep = _keep(mod.in_channels, in_drop[name], dev)
+                mod.weight = _param(mod.weight, keep, 1, mod.weight)
+                mod.in_channels = len(keep)
+        elif isinstance(mod, nn.Linear):
+            if name in out_drop:
+                keep = _keep(mod.out_features, out_drop[name], dev)
+                mod.weight = _param(mod.weight, keep, 0, mod.weight)
+                if mod.bias is not None:
+                    mod.bias = _param(mod.bias, keep, 0, mod.bias)
+                mod.out_features = len(keep)
+            if name in in_drop:
+                keep = _keep(mod.in_features, in_drop[name], dev)
+                mod.weight = _param(mod.weight, keep, 1, mod.weight)
+                mod.in_features = len(keep)
+
+
+def _first_layer(mod: nn.Module) -> nn.Module:
+    """The conv/linear a layout label names: the module itself or the first one inside it."""
+    for m in mod.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return m
+    raise TandemError(f"layout label names {type(mod).__name__}, which holds no conv or linear layer")
+
+
+def rebuild(model: nn.Module) -> nn.Module:
+    """A model built by ``create_model`` and sliced in place -> a fresh ``create_model`` with the
+    new widths and the sliced weights, so its ``config`` describes it."""
+    from ..models import create_model
+    from ..models import registry
+
+    config = model.config
+    builder, layout = registry._lookup(config["name"])
+    if layout is None:
+        return model
+    labels = [label for label, _ in layout(**registry._options(config["name"], builder, config["kwargs"]))]
+    modules = dict(model.named_modules())
+    widths = []
+    for label in labels:
+        layer = _first_layer(modules[label])
+        widths.append(layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
+    fresh = create_model(**{**config, "widths": widths})
+    state = model.state_dict()
+    own = fresh.state_dict()
+    bad = [k for k in own if k not in state or own[k].shape != state[k].shape]
+    if bad or set(state) != set(own):
+        raise TandemError(f"pruned {config['name']} does not match its rebuilt config (first mismatch: "
+                          f"{(bad or sorted(set(state) ^ set(own)))[0]}); this is a bug, please report it")
+    fresh.load_state_dict(state)
+    ref = next(model.parameters())
+    fresh.to(ref.device)
+    fresh.train(model.training)
+    return fresh
+
+
+def apply_removal(graph: ChannelGraph, removed: Removed, inplace: bool = False) -> nn.Module:
+    """The physically smaller model (a copy unless ``inplace``); rebuilt from its config when
+    the model came from ``create_model``."""
+    if not inplace:
+        memo: dict = {}
+        model = copy.deepcopy(graph.model, memo)
+        graph = _retarget(graph, model)
+    remove_channels(graph, removed)
+    model = graph.model
+    return rebuild(model) if hasattr(model, "config") else model
+
+
+def _retarget(graph: ChannelGraph, model: nn.Module) -> ChannelGraph:
+    """The same graph, pointing at a copy of its model."""
+    clone = copy.copy(graph)
+    clone.model = model
+    clone._modules = dict(model.named_modules())
+    return clone

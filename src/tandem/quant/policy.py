@@ -1,0 +1,135 @@
+"""QuantSpec: what to quantize and how, as one small validated object.
+
+It is both the `quant:` section of a recipe and the policy of `tandem.quantize_`:
+
+    QuantSpec(method="lsq", w_bits=4, a_bits=4, first_last=8,
+              overrides={"layer3.*": {"w_bits": 2}}, skip=["fc"])
+
+Patterns are shell-style globs (fnmatch) on module names as `model.named_modules()` gives them.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import RecipeError
+from .kmeans import KMeansWeight
+from .quantizers import (DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct, PACTAct,
+                         PICPQWeight)
+
+# method -> (weight quantizer class, input quantizer factory, what it is)
+QUANTIZERS: dict[str, tuple] = {
+    "dorefa": (DoReFaWeight, DoReFaAct, "DoReFa-Net weights (tanh) and clipped [0,1] activations, STE"),
+    "dorefa_picpq": (PICPQWeight, DoReFaAct, "PIC-PQ's DoReFa variant: symmetric 2^k-1-level weight grid"),
+    "pact": (DoReFaWeight, PACTAct, "PACT: learnable activation clip alpha; DoReFa weights"),
+    "lsq": (LSQWeight, LSQAct, "LSQ: learnable step sizes with gradient scaling"),
+    "minmax": (MinMaxWeight, ObserverAct, "min-max ranges (PTQ): max|w| weights, observed activation range"),
+    "percentile": (MinMaxWeight, "percentile", "min-max weights, activations clipped at a percentile (PTQ)"),
+    "kmeans": (KMeansWeight, ObserverAct, "Deep Compression weight sharing: 2^b k-means centroids; "
+                                          "min-max activations"),
+}
+
+
+def list_quantizers() -> list[str]:
+    return list(QUANTIZERS)
+
+
+def _check_bits(v: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32:
+        raise ValueError(f"{what} must be an integer in 1..32 (32 = full precision)")
+    return v
+
+
+def _check_method(v: str) -> str:
+    if v not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer; allowed: {', '.join(QUANTIZERS)}")
+    return v
+
+
+class LayerOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Optional[str] = None
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v):
+        return None if v is None else _check_method(v)
+
+    @field_validator("w_bits", "a_bits")
+    @classmethod
+    def _bits(cls, v, info):
+        return None if v is None else _check_bits(v, info.field_name)
+
+
+class QuantSpec(BaseModel):
+    """Quantization policy (defaults: LSQ W4A4, first and last layers at 8 bits)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: str = "lsq"
+    w_bits: int = 4
+    a_bits: int = 4
+    per_channel: bool = False                  # weights: one scale per output channel
+    first_last: Union[int, Literal["fp", "same"]] = 8   # bits of the first and last layer, fp or same
+    first_last_method: Optional[str] = "minmax"   # quantizer of the first/last layer (None: method's)
+    overrides: dict[str, LayerOverride] = Field(default_factory=dict)  # glob -> bits/method
+    skip: list[str] = Field(default_factory=list)    # globs of layers left in full precision
+    signed_inputs: Literal["auto", "unsigned", "signed"] = "auto"
+    pact_alpha: float = Field(10.0, gt=0)      # PACT's alpha initialisation (paper: 10)
+    percentile: float = Field(99.99, gt=50, le=100)
+    kmeans_iters: int = Field(30, ge=1)
+    # for recipes (method `quantize`)
+    mode: Literal["qat", "ptq"] = "qat"
+    calib_batches: int = Field(4, ge=1)
+    epochs: Optional[int] = Field(None, ge=0)   # QAT epochs (None: train.epochs)
+    lr: Optional[float] = Field(None, gt=0)      # QAT learning rate (None: train.lr)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v):
+        return _check_method(v)
+
+    @field_validator("first_last_method")
+    @classmethod
+    def _fl_method(cls, v):
+        return None if v is None else _check_method(v)
+
+    @field_validator("w_bits", "a_bits")
+    @classmethod
+    def _bits(cls, v, info):
+        return _check_bits(v, info.field_name)
+
+    @field_validator("first_last", mode="before")
+    @classmethod
+    def _first_last(cls, v):
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return _check_bits(v, "first_last")
+        if v in ("fp", "same"):
+            return v
+        raise ValueError("allowed: bits 1..32, 'fp' (full precision) or 'same' (like the other layers)")
+
+
+def make_spec(policy: Any = None, **kwargs) -> QuantSpec:
+    """A QuantSpec from a QuantSpec, a dict, or keyword arguments; errors as RecipeError."""
+    if isinstance(policy, QuantSpec):
+        data = {**policy.model_dump(), **kwargs}
+    elif isinstance(policy, dict):
+        data = {**policy, **kwargs}
+    elif policy is None:
+        data = kwargs
+    else:
+        raise RecipeError(f"quantize_: policy must be a QuantSpec or a dict, not {type(policy).__name__}")
+    try:
+        return QuantSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = LayerOverride.model_fields if "overrides" in err["loc"] else QuantSpec.model_fields
+            raise RecipeError(f"quant error: unknown key '{key}'; allowed: {', '.join(allowed)}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"quant error: {key} = {err.get('input')!r}: {msg}") from None

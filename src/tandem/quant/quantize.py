@@ -1,0 +1,168 @@
+"""`quantize_(model, policy)`: swap every Conv2d / Linear for its quantized version, in place.
+
+The swap needs no data and is recorded on the model (`model.tandem_transforms`), so a saved
+model file is rebuilt by `tandem.engine.load_model` before its weights are loaded.
+Data-dependent initialisation is the separate `calibrate(model, batches)` step.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn as nn
+
+from ..engine.checkpoint import register_transform
+from ..errors import RecipeError, TandemError
+from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
+from .policy import QUANTIZERS, QuantSpec, make_spec
+from .quantizers import ActQuantizer, ObserverAct, PACTAct, WeightQuantizer
+
+FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def _match(name: str, patterns) -> list[str]:
+    return [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+
+
+def _make_weight_quantizer(method, bits, layer, spec: QuantSpec):
+    if bits >= 32:
+        return None
+    cls = QUANTIZERS[method][0]
+    channels = layer.weight.shape[0]
+    if method == "kmeans":
+        return cls(bits, spec.per_channel, channels, shape=layer.weight.shape, iters=spec.kmeans_iters)
+    return cls(bits, spec.per_channel, channels)
+
+
+def _make_input_quantizer(method, bits, spec: QuantSpec):
+    if bits >= 32:
+        return None
+    factory = QUANTIZERS[method][1]
+    if factory == "percentile":
+        return ObserverAct(bits, spec.signed_inputs, percentile=spec.percentile)
+    if factory is PACTAct:
+        return PACTAct(bits, spec.signed_inputs, alpha=spec.pact_alpha)
+    return factory(bits, spec.signed_inputs)
+
+
+def layer_plan(model: nn.Module, spec: QuantSpec) -> dict[str, tuple[str, int, int] | None]:
+    """{layer name: (method, w_bits, a_bits) or None when left in float}, in module order.
+    The first Conv2d/Linear and the last one in module order get the first/last rule."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FLOAT_LAYERS) and not isinstance(m, QUANT_LAYERS)]
+    if not names:
+        raise TandemError("quantize_: the model has no nn.Conv2d or nn.Linear layer (or they are already quantized)")
+    all_layers = [n for n, m in model.named_modules() if isinstance(m, FLOAT_LAYERS)]
+    for pattern in [*spec.overrides, *spec.skip]:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in all_layers):
+            shown = ", ".join(all_layers[:8]) + (" ..." if len(all_layers) > 8 else "")
+            raise RecipeError(f"quant error: layer pattern {pattern!r} matches no Conv2d/Linear layer; "
+                              f"the layers are: {shown} (patterns are globs, e.g. 'layer1.*')")
+    plan = {}
+    for n in names:
+        if _match(n, spec.skip):
+            plan[n] = None
+            continue
+        method, wb, ab = spec.method, spec.w_bits, spec.a_bits
+        if n in (names[0], names[-1]) and spec.first_last != "same":
+            if spec.first_last == "fp":
+                plan[n] = None
+                continue
+            wb = ab = spec.first_last
+            method = spec.first_last_method or method
+        for p in _match(n, spec.overrides):
+            o = spec.overrides[p]
+            method, wb, ab = o.method or method, o.w_bits or wb, o.a_bits or ab
+        plan[n] = (method, wb, ab) if min(wb, ab) < 32 else None
+    return plan
+
+
+def _swap(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    plan = layer_plan(model, spec)
+    for name, entry in plan.items():
+        if entry is None:
+            continue
+        method, wb, ab = entry
+        layer = model.get_submodule(name)
+        wq = _make_weight_quantizer(method, wb, layer, spec)
+        aq = _make_input_quantizer(method, ab, spec)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        new = cls.from_float(layer, wq, aq)
+        if wq is not None:
+            wq.to(layer.weight.device)
+        if aq is not None:
+            aq.to(layer.weight.device)
+        if method == "kmeans" and wq is not None:
+            layer.weight.requires_grad_(False)   # only the shared centroids learn
+        if name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        else:
+            raise TandemError("quantize_: pass a model that contains layers, not a single layer")
+    return model
+
+
+def quantize_(model: nn.Module, policy: QuantSpec | dict | None = None, **kwargs) -> nn.Module:
+    """Swap the model's Conv2d/Linear layers for quantized ones, in place; returns the model.
+
+    `policy` is a QuantSpec or dict, or give its fields as keywords: `quantize_(net,
+    method="pact", w_bits=4, a_bits=4)`. Call `calibrate(model, batches)` next."""
+    spec = make_spec(policy, **kwargs)
+    _swap(model, spec)
+    transforms = list(getattr(model, "tandem_transforms", []))
+    transforms.append({"kind": "quantize", "policy": spec.model_dump(mode="json")})
+    model.tandem_transforms = transforms
+    return model
+
+
+@register_transform("quantize")
+def _rebuild(model: nn.Module, record: dict) -> nn.Module:
+    return quantize_(model, make_spec(record["policy"]))
+
+
+def quantizers_of(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, QUANT_LAYERS):
+            yield m
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.Module:
+    """Data-dependent initialisation: weight quantizers from the weights (LSQ step, k-means
+    codebooks), input quantizers from the float activations of `batches` (an iterable of x or
+    (x, y)): signedness, observer ranges, LSQ steps. The model runs in eval mode, unquantized."""
+    layers = list(quantizers_of(model))
+    if not layers:
+        raise TandemError("calibrate: the model has no quantized layers; call quantize_ first")
+    for layer in layers:
+        if layer.weight_quantizer is not None:
+            layer.weight_quantizer.calibrate_weight(layer.weight)
+    acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    if acts:
+        for a in acts:
+            a.observing = True
+            a.obs_min.fill_(float("inf"))
+            a.obs_max.fill_(float("-inf"))
+        was_training = model.training
+        model.eval()
+        seen = 0
+        device = next(model.parameters()).device
+        try:
+            for i, batch in enumerate(batches):
+                if num_batches is not None and i >= num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device))
+                seen += 1
+        finally:
+            for a in acts:
+                a.observing = False
+            model.train(was_training)
+        if seen == 0:
+            raise TandemError("calibrate: no batches were given")
+        for a in acts:
+            a.finish_calibration()
+    return model
+
+
+def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
+    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]

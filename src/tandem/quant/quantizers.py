@@ -1,0 +1,418 @@
+"""Fake-quantizers with straight-through estimators (methods.md §6.1-6.3, §4.6).
+
+A quantizer is an nn.Module: ``q(x)`` returns x rounded to its grid, in float, with the
+gradient the paper defines. Weight quantizers also say which integer grid they produced
+(`affine`): ``value = code * scale + shift`` with integer ``code`` in [0, 2^bits - 1]; export
+and bit-packing use only that. Activation quantizers give `qparams()` for the same purpose.
+
+Data-dependent initialisation (LSQ steps, observer ranges, k-means) is not done here at
+construction but by `tandem.quant.calibrate`, so a model rebuilt from a file needs no data.
+No forward pass loops over channels or calls `.item()`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..errors import TandemError
+
+
+# ---- straight-through building blocks ----------------------------------------------------
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (x.round() - x).detach()
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """x forward (bit-exact), gradient multiplied by g backward (LSQ's step-size gradient scale)."""
+    y = x * g
+    return x.detach() + (y - y.detach())
+
+
+def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel vector shaped to broadcast over a weight (C_out, ...)."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))) if t.dim() == 1 else t
+
+
+def _per_channel_reduce(w: torch.Tensor, fn, per_channel: bool) -> torch.Tensor:
+    return fn(w.flatten(1), dim=1).values if per_channel else fn(w.flatten(), dim=0).values
+
+
+class Quantizer(nn.Module):
+    """Shared state: bits, and two persistent flags kept as a buffer so that a model loaded
+    from a file knows it was calibrated and whether an input is signed, without any data."""
+
+    kind = "?"
+
+    def __init__(self, bits: int):
+        super().__init__()
+        if not 1 <= int(bits) <= 32:
+            raise TandemError(f"bits must be in 1..32, got {bits!r}")
+        self.bits = int(bits)
+        self.register_buffer("flags", torch.zeros(2, dtype=torch.uint8))  # [calibrated, signed]
+        self.calibrated, self.signed = False, False
+        self.observing = False
+
+    def set_flags(self, calibrated: bool | None = None, signed: bool | None = None) -> None:
+        if calibrated is not None:
+            self.calibrated = bool(calibrated)
+        if signed is not None:
+            self.signed = bool(signed)
+        self.flags.copy_(torch.tensor([self.calibrated, self.signed], dtype=torch.uint8))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flags = state_dict.get(prefix + "flags")
+        if flags is not None:
+            self.calibrated, self.signed = bool(flags[0]), bool(flags[1])
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, calibrated={self.calibrated}"
+
+    def _need_calibration(self):
+        raise TandemError(f"{self.kind} quantizer is not calibrated: call tandem.quant.calibrate(model, batches) "
+                          f"after quantize_ and before training or evaluating")
+
+
+# ---- weights -----------------------------------------------------------------------------
+class WeightQuantizer(Quantizer):
+    def __init__(self, bits: int, per_channel: bool = False, channels: int = 1):
+        super().__init__(bits)
+        self.per_channel = per_channel
+        self.channels = channels
+
+    def calibrate_weight(self, w: torch.Tensor) -> None:
+        """Initialise from the weights (data-free); the default needs nothing."""
+        self.set_flags(calibrated=True)
+
+    def affine(self, w: torch.Tensor):
+        """(codes int64 in [0, 2^bits-1], scale, shift) with forward(w) == codes*scale + shift;
+        scale/shift are per output channel (shape C_out) or scalars (shape ())."""
+        raise NotImplementedError
+
+
+class DoReFaWeight(WeightQuantizer):
+    """DoReFa (Zhou et al. 2016): w_q = 2*quantize_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1, 2^k
+    levels in [-1, 1]; k = 1: sign(w) * mean|w|. STE through the rounding only, so the gradient
+    also flows through tanh and the max (as in the paper)."""
+
+    kind = "dorefa"
+
+    def _normalised(self, w):
+        t = torch.tanh(w)
+        m = _per_channel_reduce(t.abs(), torch.max, self.per_channel).clamp_min(1e-12)
+        return t / _channel_view(m, w)
+
+    def forward(self, w):
+        if self.bits >= 32:
+            return w
+        if self.bits == 1:
+            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            return _sign_ste(w) * _channel_view(e, w).detach()
+        n = 2 ** self.bits - 1
+        z = self._normalised(w) / 2 + 0.5
+        return 2 * round_ste(z * n) / n - 1
+
+    @torch.no_grad()
+    def affine(self, w):
+        if self.bits == 1:
+            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            codes = (w >= 0).long()          # sign(0) is taken as +1
+            return codes, 2 * e, -e
+        n = 2 ** self.bits - 1
+        codes = torch.round((self._normalised(w) / 2 + 0.5) * n).long()
+        return codes, torch.tensor(2.0 / n), torch.tensor(-1.0)
+
+
+def _sign_ste(w):
+    """sign(w) with sign(0) = +1 forward; identity gradient (clipped to |w| <= 1) backward."""
+    s = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+    return w.clamp(-1, 1) + (s - w.clamp(-1, 1)).detach()
+
+
+class PICPQWeight(WeightQuantizer):
+    """PIC-PQ's DoReFa variant (§4.6): w~ = tanh(w)/max|tanh w|, w_q = round(w~ n)/n with
+    n = 2^(k-1) - 1: a symmetric grid of 2^k - 1 levels (0 included); k = 1: sign(w)*mean|w|."""
+
+    kind = "dorefa_picpq"
+
+    def forward(self, w):
+        if self.bits >= 32:
+            return w
+        if self.bits == 1:
+            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            return _sign_ste(w) * _channel_view(e, w).detach()
+        n = 2 ** (self.bits - 1) - 1
+        t = torch.tanh(w)
+        m = _per_channel_reduce(t.abs(), torch.max, self.per_channel).clamp_min(1e-12)
+        return round_ste(t / _channel_view(m, w) * n) / n
+
+    @torch.no_grad()
+    def affine(self, w):
+        if self.bits == 1:
+            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            return (w >= 0).long(), 2 * e, -e
+        n = 2 ** (self.bits - 1) - 1
+        t = torch.tanh(w)
+        m = _per_channel_reduce(t.abs(), torch.max, self.per_channel).clamp_min(1e-12)
+        codes = torch.round(t / _channel_view(m, w) * n).long() + n
+        return codes, torch.tensor(1.0 / n), torch.tensor(-1.0)
+
+
+class LSQWeight(WeightQuantizer):
+    """LSQ (Esser et al. 2020), signed: w_q = round(clip(w/s, -Q_N, Q_P)) * s with a learnable
+    step s (per tensor or per output channel), gradient-scaled by 1/sqrt(N * Q_P)."""
+
+    kind = "lsq"
+
+    def __init__(self, bits, per_channel=False, channels=1):
+        super().__init__(bits, per_channel, channels)
+        self.step = nn.Parameter(torch.ones(channels if per_channel else ()))
+        self.qn, self.qp = 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        if self.bits == 1:   # 1-bit signed: the two levels -s and 0 would be useless; use {-s, +s}
+            raise TandemError("lsq needs at least 2 bits (1-bit LSQ has levels {-s, 0}); use dorefa for 1 bit")
+
+    @torch.no_grad()
+    def calibrate_weight(self, w):
+        """s = 2 mean|w| / sqrt(Q_P) (LSQ's initialisation)."""
+        mean_abs = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+        self.step.copy_((2 * mean_abs / math.sqrt(self.qp)).clamp_min(1e-8))
+        self.set_flags(calibrated=True)
+
+    def forward(self, w):
+        if self.bits >= 32:
+            return w
+        if not self.calibrated:
+            self._need_calibration()
+        n = w[0].numel() if self.per_channel else w.numel()
+        s = _channel_view(grad_scale(self.step, 1.0 / math.sqrt(n * self.qp)), w)
+        return round_ste((w / s).clamp(-self.qn, self.qp)) * s
+
+    @torch.no_grad()
+    def affine(self, w):
+        s = _channel_view(self.step, w)
+        codes = torch.round((w / s).clamp(-self.qn, self.qp)).long() + self.qn
+        return codes, self.step.detach().clone(), -self.qn * self.step.detach()
+
+
+class MinMaxWeight(WeightQuantizer):
+    """Symmetric uniform grid with scale max|w| / (2^(b-1) - 1), recomputed from the weights at
+    every forward (no state to calibrate). STE through the rounding; the scale is not learned."""
+
+    kind = "minmax"
+
+    def _scale(self, w):
+        q = 2 ** (self.bits - 1) - 1
+        m = _per_channel_reduce(w.detach().abs(), torch.max, self.per_channel)
+        return (m / q).clamp_min(1e-12), q
+
+    def forward(self, w):
+        if self.bits >= 32:
+            return w
+        if self.bits == 1:
+            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            return _sign_ste(w) * _channel_view(e, w).detach()
+        s, q = self._scale(w)
+        s = _channel_view(s, w)
+        return round_ste((w / s).clamp(-q, q)) * s
+
+    @torch.no_grad()
+    def affine(self, w):
+        if self.bits == 1:
+            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            return (w >= 0).long(), 2 * e, -e
+        s, q = self._scale(w)
+        codes = torch.round((w / _channel_view(s, w)).clamp(-q, q)).long() + q
+        return codes, s, -q * s
+
+
+# ---- activations (a layer's input) --------------------------------------------------------
+class ActQuantizer(Quantizer):
+    """Quantizes a layer's input. `signed` is decided at calibration (the input had negative
+    values) unless the policy forces it; see docs/quantization.md for each method's signed form."""
+
+    def __init__(self, bits: int, signed: str = "auto"):
+        super().__init__(bits)
+        self.signed_rule = signed
+        self.register_buffer("obs_min", torch.tensor(float("inf")))
+        self.register_buffer("obs_max", torch.tensor(float("-inf")))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        self.obs_min.copy_(torch.minimum(self.obs_min, x.min()))
+        self.obs_max.copy_(torch.maximum(self.obs_max, x.max()))
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        if self.signed_rule == "auto":
+            signed = bool(self.obs_min < 0) if torch.isfinite(self.obs_min) else False
+        else:
+            signed = self.signed_rule == "signed"
+        self.set_flags(calibrated=True, signed=signed)
+
+    def forward(self, x):
+        if self.bits >= 32:
+            return x
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.calibrated:
+            self._need_calibration()
+        return self.quantize(x)
+
+    def quantize(self, x):
+        raise NotImplementedError
+
+    def qparams(self):
+        """(scale, zero_point, qmin, qmax) as python numbers: forward(x) equals
+        (clamp(round(x/scale) + zero_point, qmin, qmax) - zero_point) * scale."""
+        raise NotImplementedError
+
+
+class DoReFaAct(ActQuantizer):
+    """DoReFa activations: clamp(x, 0, 1) then quantize_k (levels i/(2^k-1)). Signed inputs:
+    clamp(x, -1, 1) on the symmetric grid i/(2^(k-1)-1) [INFER: DoReFa has no signed form]."""
+
+    kind = "dorefa"
+
+    def _n(self):
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+    def quantize(self, x):
+        n = self._n()
+        lo = -1.0 if self.signed else 0.0
+        if n == 0:   # 1-bit signed: sign
+            return _sign_ste(x)
+        return round_ste(x.clamp(lo, 1.0) * n) / n
+
+    def qparams(self):
+        n = self._n()
+        return (1.0 / n, 0, -n if self.signed else 0, n)
+
+
+class PACTAct(ActQuantizer):
+    """PACT (Choi et al. 2018): y = clip(x, 0, alpha), y_q = round(y (2^k-1)/alpha) alpha/(2^k-1),
+    alpha learnable. dy_q/dx = 1 on (0, alpha); dy_q/dalpha = 1 where x >= alpha (0 elsewhere:
+    the paper's STE, which drops the rounding-error term). Signed inputs: clip(x, -alpha, alpha)
+    on the symmetric grid with 2^(k-1)-1 steps, dy/dalpha = sign(x) outside [INFER]."""
+
+    kind = "pact"
+
+    def __init__(self, bits, signed="auto", alpha: float = 10.0):
+        super().__init__(bits, signed)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def _n(self):
+        return max(1, 2 ** (self.bits - 1) - 1) if self.signed else 2 ** self.bits - 1
+
+    def quantize(self, x):
+        n = self._n()
+        a = self.alpha
+        if self.signed:
+            y = torch.minimum(torch.maximum(x, -a), a)
+        else:
+            y = torch.minimum(x.clamp_min(0), a)
+        # STE: the rounding error is a constant, so d/dx and d/dalpha are exactly the clip's
+        return y + (torch.round(y * (n / a)) * (a / n) - y).detach()
+
+    def qparams(self):
+        n, a = self._n(), float(self.alpha.detach())
+        return (a / n, 0, -n if self.signed else 0, n)
+
+
+class LSQAct(ActQuantizer):
+    """LSQ activations: unsigned Q_N = 0, Q_P = 2^b - 1; signed Q_N = 2^(b-1), Q_P = 2^(b-1) - 1.
+    Step initialised on calibration data as 2 mean|x| / sqrt(Q_P); gradient scale 1/sqrt(N Q_P)
+    with N the features per example."""
+
+    kind = "lsq"
+
+    def __init__(self, bits, signed="auto"):
+        super().__init__(bits, signed)
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("obs_abs_sum", torch.zeros(()))
+        self.register_buffer("obs_count", torch.zeros((), dtype=torch.float64))
+
+    def _range(self):
+        if self.signed:
+            return 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        return 0, 2 ** self.bits - 1
+
+    @torch.no_grad()
+    def observe(self, x):
+        super().observe(x)
+        self.obs_abs_sum += x.abs().sum().float()
+        self.obs_count += x.numel()
+
+    @torch.no_grad()
+    def finish_calibration(self):
+        super().finish_calibration()
+        qn, qp = self._range()
+        if qp < 1:
+            raise TandemError("lsq needs at least 2 bits for a signed input")
+        mean_abs = float(self.obs_abs_sum / self.obs_count.clamp_min(1))
+        self.step.fill_(max(2 * mean_abs / math.sqrt(qp), 1e-8))
+
+    def quantize(self, x):
+        qn, qp = self._range()
+        s = grad_scale(self.step, 1.0 / math.sqrt(x[0].numel() * qp))
+        return round_ste((x / s).clamp(-qn, qp)) * s
+
+    def qparams(self):
+        qn, qp = self._range()
+        return (float(self.step.detach().abs()), 0, -qn, qp)
+
+
+class ObserverAct(ActQuantizer):
+    """Post-training activation quantizer: an affine uniform grid over the calibrated range
+    [lo, hi] (always containing 0), zero point rounded to an integer; fixed afterwards.
+    STE inside the range (usable for QAT too, the range is not learned)."""
+
+    kind = "minmax"
+
+    def __init__(self, bits, signed="auto", percentile: float | None = None):
+        super().__init__(bits, signed)
+        self.percentile = percentile
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("pct_lo", torch.zeros(()))
+        self.register_buffer("pct_hi", torch.zeros(()))
+        self.register_buffer("pct_n", torch.zeros(()))
+
+    @torch.no_grad()
+    def observe(self, x):
+        super().observe(x)
+        if self.percentile is not None:
+            from .observers import percentile_range
+            lo, hi = percentile_range(x, self.percentile)
+            self.pct_lo += lo
+            self.pct_hi += hi
+            self.pct_n += 1
+
+    @torch.no_grad()
+    def finish_calibration(self):
+        super().finish_calibration()
+        from .observers import affine_qparams
+        if self.percentile is not None and self.pct_n > 0:
+            lo, hi = float(self.pct_lo / self.pct_n), float(self.pct_hi / self.pct_n)
+        else:
+            lo, hi = float(self.obs_min), float(self.obs_max)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            lo, hi = 0.0, 1.0
+        if not self.signed:
+            lo = max(lo, 0.0)
+        scale, zp = affine_qparams(lo, hi, self.bits)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zp)
+
+    def quantize(self, x):
+        qmax = 2 ** self.bits - 1
+        lo = -self.zero_point * self.scale
+        hi = (qmax - self.zero_point) * self.scale
+        y = torch.minimum(torch.maximum(x, lo), hi)
+        return round_ste(y / self.scale) * self.scale
+
+    def qparams(self):
+        return (float(self.scale), int(self.zero_point), 0, 2 ** self.bits - 1)
