@@ -2,6 +2,8 @@
 no traceback and no run folder."""
 import string
 
+import pytest
+
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -9,9 +11,24 @@ from tandem.cli import main
 from tandem.errors import RecipeError
 from tandem.recipes import Recipe, load_recipe, validate
 
-SECTIONS = {name: list(field.annotation.model_fields) for name, field in Recipe.model_fields.items()
-            if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields")}
+def _section_type(annotation):
+    """The pydantic model of a section field, also behind Optional[...]."""
+    for a in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(a, type) and hasattr(a, "model_fields"):
+            return a
+    return None
+
+
+SECTIONS = {name: list(_section_type(f.annotation).model_fields) for name, f in Recipe.model_fields.items()
+            if _section_type(f.annotation)}
 TOP = list(Recipe.model_fields)
+# values the issue names explicitly, for the sections this version has
+OUT_OF_RANGE = [(s, k, v) for s, k, v in [
+    ("train", "epochs", -1), ("train", "epochs", -100), ("train", "batch_size", 0), ("train", "lr", 0.0),
+    ("train", "lr", -0.1), ("train", "momentum", 1.5), ("train", "gamma", 2.0),
+    ("dataset", "val_fraction", 1.5), ("quant", "w_bits", 0), ("quant", "w_bits", 33),
+    ("quant", "a_bits", 0), ("quant", "a_bits", 33), ("prune", "ratio", 1.5), ("prune", "ratio", -0.1)]
+    if s in SECTIONS and k in SECTIONS[s]]
 
 junk = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                  st.text(string.printable, max_size=12), st.lists(st.integers(-5, 5), max_size=3),
@@ -36,9 +53,8 @@ def bad_recipe(draw):
     elif kind == "section_not_mapping":
         raw[draw(st.sampled_from(sorted(SECTIONS)))] = draw(st.one_of(st.integers(), st.lists(st.integers())))
     else:
-        field, value = draw(st.sampled_from([("epochs", -1), ("epochs", -100), ("batch_size", 0),
-                                             ("lr", 0.0), ("lr", -0.1), ("momentum", 1.5), ("gamma", 2.0)]))
-        raw["train"][field] = value
+        section, field, value = draw(st.sampled_from(OUT_OF_RANGE))
+        raw.setdefault(section, {})[field] = value
     return raw
 
 
@@ -59,6 +75,14 @@ def test_malformed_recipe_is_one_line_naming_a_key(raw):
         assert "\n" not in msg and msg.startswith("recipe error:")
         assert any(k in msg for k in keys_in(raw)), msg
     # some "broken" values are still valid (e.g. a wrong_value that happens to fit): that is fine
+
+
+@pytest.mark.parametrize("section, field, value", OUT_OF_RANGE)
+def test_named_out_of_range_values_are_rejected(section, field, value):
+    raw = {section: {field: value}}
+    with pytest.raises(RecipeError) as exc:
+        validate(raw)
+    assert f"{section}.{field}" in str(exc.value) and str(value) in str(exc.value)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -70,7 +70,13 @@ class KMeansWeight(WeightQuantizer):
         return torch.where(w == 0, torch.zeros_like(shared), shared)
 
     @torch.no_grad()
-    def codebook(self, w):
-        """(codes int64, table): forward(w) == table[codes] where w != 0; zeros get the code of
-        the centroid nearest 0 only if it is exactly 0, so packed files keep an explicit mask."""
-        return self.index.long(), self.centroids.detach().clone()
+    def encode(self, w):
+        """(codes, {'table'}, plus a 0/1 'nonzero' mask when some weights are exactly 0)."""
+        params = {"table": self.centroids.detach().float().clone()}
+        if (w == 0).any():
+            params["nonzero"] = (w != 0).float()
+        return self.index.long(), params
+
+    def decode(self, codes, table, nonzero=None):
+        shared = table[codes]
+        return shared if nonzero is None else torch.where(nonzero == 0, torch.zeros_like(shared), shared)

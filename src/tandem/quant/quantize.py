@@ -140,8 +140,7 @@ def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.M
     if acts:
         for a in acts:
             a.observing = True
-            a.obs_min.fill_(float("inf"))
-            a.obs_max.fill_(float("-inf"))
+            a.reset_stats()
         was_training = model.training
         model.eval()
         seen = 0

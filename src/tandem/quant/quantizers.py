@@ -21,8 +21,8 @@ from ..errors import TandemError
 
 # ---- straight-through building blocks ----------------------------------------------------
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward."""
-    return x + (x.round() - x).detach()
+    """round(x) forward (bit-exact), identity backward."""
+    return x.round().detach() + (x - x.detach())
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -92,6 +92,19 @@ class WeightQuantizer(Quantizer):
         scale/shift are per output channel (shape C_out) or scalars (shape ())."""
         raise NotImplementedError
 
+    def encode(self, w: torch.Tensor):
+        """(codes, params): the least a file needs to store; decode(codes, **params) gives
+        back forward(w) bit for bit (same float operations)."""
+        codes, scale, _ = self.affine(w)
+        return codes, {"scale": torch.as_tensor(scale).float()}
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _sign_decode(codes, e):
+    return torch.where(codes > 0, 1.0, -1.0) * _channel_view(e, codes)
+
 
 class DoReFaWeight(WeightQuantizer):
     """DoReFa (Zhou et al. 2016): w_q = 2*quantize_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1, 2^k
@@ -125,11 +138,22 @@ class DoReFaWeight(WeightQuantizer):
         codes = torch.round((self._normalised(w) / 2 + 0.5) * n).long()
         return codes, torch.tensor(2.0 / n), torch.tensor(-1.0)
 
+    def encode(self, w):
+        codes, scale, shift = self.affine(w)
+        return codes, ({"scale": -shift.float()} if self.bits == 1 else {})
+
+    def decode(self, codes, scale=None):
+        if self.bits == 1:
+            return _sign_decode(codes, scale)
+        n = 2 ** self.bits - 1
+        return 2 * codes.float() / n - 1
+
 
 def _sign_ste(w):
     """sign(w) with sign(0) = +1 forward; identity gradient (clipped to |w| <= 1) backward."""
     s = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
-    return w.clamp(-1, 1) + (s - w.clamp(-1, 1)).detach()
+    c = w.clamp(-1, 1)
+    return s.detach() + (c - c.detach())
 
 
 class PICPQWeight(WeightQuantizer):
@@ -159,6 +183,16 @@ class PICPQWeight(WeightQuantizer):
         m = _per_channel_reduce(t.abs(), torch.max, self.per_channel).clamp_min(1e-12)
         codes = torch.round(t / _channel_view(m, w) * n).long() + n
         return codes, torch.tensor(1.0 / n), torch.tensor(-1.0)
+
+    def encode(self, w):
+        codes, scale, shift = self.affine(w)
+        return codes, ({"scale": -shift.float()} if self.bits == 1 else {})
+
+    def decode(self, codes, scale=None):
+        if self.bits == 1:
+            return _sign_decode(codes, scale)
+        n = 2 ** (self.bits - 1) - 1
+        return (codes - n).float() / n
 
 
 class LSQWeight(WeightQuantizer):
@@ -196,6 +230,9 @@ class LSQWeight(WeightQuantizer):
         codes = torch.round((w / s).clamp(-self.qn, self.qp)).long() + self.qn
         return codes, self.step.detach().clone(), -self.qn * self.step.detach()
 
+    def decode(self, codes, scale):
+        return (codes - self.qn).float() * _channel_view(scale, codes)
+
 
 class MinMaxWeight(WeightQuantizer):
     """Symmetric uniform grid with scale max|w| / (2^(b-1) - 1), recomputed from the weights at
@@ -227,6 +264,16 @@ class MinMaxWeight(WeightQuantizer):
         codes = torch.round((w / _channel_view(s, w)).clamp(-q, q)).long() + q
         return codes, s, -q * s
 
+    def encode(self, w):
+        codes, scale, shift = self.affine(w)
+        return codes, {"scale": (-shift if self.bits == 1 else scale).float()}
+
+    def decode(self, codes, scale):
+        if self.bits == 1:
+            return _sign_decode(codes, scale)
+        q = 2 ** (self.bits - 1) - 1
+        return (codes - q).float() * _channel_view(scale, codes)
+
 
 # ---- activations (a layer's input) --------------------------------------------------------
 class ActQuantizer(Quantizer):
@@ -236,8 +283,15 @@ class ActQuantizer(Quantizer):
     def __init__(self, bits: int, signed: str = "auto"):
         super().__init__(bits)
         self.signed_rule = signed
-        self.register_buffer("obs_min", torch.tensor(float("inf")))
-        self.register_buffer("obs_max", torch.tensor(float("-inf")))
+        # calibration statistics: not part of the model (not saved)
+        self.register_buffer("obs_min", torch.tensor(float("inf")), persistent=False)
+        self.register_buffer("obs_max", torch.tensor(float("-inf")), persistent=False)
+
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        for name, buf in self.named_buffers(recurse=False):
+            if name.startswith(("obs_", "pct_")):
+                buf.fill_(float("inf") if name == "obs_min" else float("-inf") if name == "obs_max" else 0)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -332,8 +386,8 @@ class LSQAct(ActQuantizer):
     def __init__(self, bits, signed="auto"):
         super().__init__(bits, signed)
         self.step = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("obs_abs_sum", torch.zeros(()))
-        self.register_buffer("obs_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("obs_abs_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("obs_count", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def _range(self):
         if self.signed:
@@ -377,9 +431,9 @@ class ObserverAct(ActQuantizer):
         self.percentile = percentile
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
-        self.register_buffer("pct_lo", torch.zeros(()))
-        self.register_buffer("pct_hi", torch.zeros(()))
-        self.register_buffer("pct_n", torch.zeros(()))
+        self.register_buffer("pct_lo", torch.zeros(()), persistent=False)
+        self.register_buffer("pct_hi", torch.zeros(()), persistent=False)
+        self.register_buffer("pct_n", torch.zeros(()), persistent=False)
 
     @torch.no_grad()
     def observe(self, x):
