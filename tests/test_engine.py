@@ -172,3 +172,40 @@ def test_loading_weights_of_another_architecture_fails_clearly(tmp_path):
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         load_model(junk)
+
+
+def test_sequential_updates_recompute_predictions(data):
+    """In sequential mode the second network's target comes from the already-updated first one."""
+    from tandem.distill import mutual_losses
+    train, val = loaders(data)
+    seen = []
+
+    def objective(outputs, y, x):
+        seen.append({n: o.detach().clone() for n, o in outputs.items()})
+        return mutual_losses(outputs, y)
+
+    a, b = make_net(0), make_net(1)
+    t = Trainer({"a": a, "b": b}, objective, cfg(epochs=1), update="sequential")
+    t.fit(train, val)
+    assert len(seen) == 2 * len(train)                       # one objective call per network per step
+    assert not torch.equal(seen[0]["a"], seen[1]["a"])       # a was updated before b's turn
+    assert torch.equal(seen[0]["b"], seen[1]["b"])           # b not yet: same predictions
+
+
+def test_target_only_forward_leaves_bn_running_stats_alone():
+    from tandem.engine.trainer import _no_grad_call
+    net = make_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    _no_grad_call(net, torch.randn(4, 1, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    net(torch.randn(4, 1, 8, 8))
+    assert not all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_sequential_update_rejects_unnamed_terms(data):
+    from tandem.errors import TandemError
+    train, val = loaders(data)
+    t = Trainer({"a": make_net(0), "b": make_net(1)}, lambda o, y, x: {"loss": sum(v.sum() for v in o.values())},
+                cfg(epochs=1), update="sequential")
+    with pytest.raises(TandemError, match="no loss term for network 'a'"):
+        t.fit(train, val)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 from .prune.spec import PruneSpec
+from .quant.policy import QuantSpec
 
 
 class Section(BaseModel):
@@ -86,6 +87,7 @@ class Recipe(Section):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     prune: Optional[PruneSpec] = None   # the `prune` method's section (tandem.prune.spec)
+    quant: Optional[QuantSpec] = None   # the `quantize` method's section (tandem.quant.policy)
 
     @field_validator("model", mode="before")
     @classmethod

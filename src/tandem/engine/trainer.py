@@ -6,6 +6,10 @@ losses and takes one backward pass, then steps each trainable network's own opti
 that must not feed a network (a peer's prediction used as a target, a teacher) are detached
 by the objective, so the sum gives each network exactly the gradient of its own loss.
 
+With `update="sequential"` (Deep Mutual Learning's algorithm) the networks instead step one
+after another, each on the terms named `<term>/<its name>`, with the predictions recomputed
+after every update.
+
 Methods plug in through the objective and through callbacks (objects with any of
 `after_backward(trainer)`, `after_step(trainer)`, `on_epoch_end(trainer, epoch)`), never by
 writing another loop. The trainer owns devices, mixed precision, checkpoints, best-by-val
@@ -49,6 +53,30 @@ def autocast_for(device: torch.device, amp: bool):
     return contextlib.nullcontext
 
 
+@contextlib.contextmanager
+def _bn_stats_frozen(module):
+    """Batch statistics still normalise, but running statistics stay as they are."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _no_grad_call(module, x):
+    """A prediction used only as a target: no graph, and no update of BN running statistics
+    (a network whose turn it is not must not count this batch twice)."""
+    with torch.no_grad(), _bn_stats_frozen(module):
+        return module(x)
+
+
 def cross_entropy_objective(outputs: dict, y: torch.Tensor, x: torch.Tensor) -> dict:
     """Plain supervised training: CE for every network."""
     return {f"ce/{name}": torch.nn.functional.cross_entropy(z.float(), y) for name, z in outputs.items()}
@@ -57,7 +85,11 @@ def cross_entropy_objective(outputs: dict, y: torch.Tensor, x: torch.Tensor) -> 
 class Trainer:
     def __init__(self, nets: dict, objective: Objective, cfg, *, device="cpu", frozen: dict | None = None,
                  callbacks=(), ckpt_path: Path | None = None, log: MetricsLog | None = None,
-                 stage: str = "train", make_optimizer=None, find_unused_parameters: bool = False):
+                 stage: str = "train", make_optimizer=None, find_unused_parameters: bool = False,
+                 update: str = "simultaneous"):
+        if update not in ("simultaneous", "sequential"):
+            raise TandemError(f"update = {update!r}; allowed: simultaneous, sequential")
+        self.update = update
         self.device = torch.device(device)
         self.dist = distributed.info()
         if self.dist.enabled and self.device.type == "cuda" and cfg.sync_bn:
@@ -129,6 +161,39 @@ class Trainer:
                     outputs.update({n: m(x) for n, m in self.frozen.items()})
         return outputs
 
+    def _simultaneous_step(self, x, y) -> dict:
+        """One backward pass of the summed losses; every network steps."""
+        losses = self.objective(self.forward(x), y, x)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self._hook("after_backward")
+        for n, opt in self.optimizers.items():
+            opt.step()
+            self.schedulers[n].step()
+        return losses
+
+    def _sequential_step(self, x, y) -> dict:
+        """Deep Mutual Learning's own order: update network 1, recompute the predictions, update
+        network 2, ... Each network steps on the loss terms named `<term>/<its name>`."""
+        own_losses = {}
+        for name, opt in self.optimizers.items():
+            with self.autocast():
+                outputs = {n: m(x) if n == name else _no_grad_call(m, x) for n, m in self.forward_nets.items()}
+                outputs.update({n: _no_grad_call(m, x) for n, m in self.frozen.items()})
+            losses = self.objective(outputs, y, x)
+            own = {k: v for k, v in losses.items() if k.rsplit("/", 1)[-1] == name}
+            if not own:
+                raise TandemError(f"sequential updates: the objective returned no loss term for network "
+                                  f"'{name}' (terms must be named '<term>/{name}'); got {sorted(losses)}")
+            opt.zero_grad(set_to_none=True)
+            sum(own.values()).backward()
+            self._hook("after_backward")
+            opt.step()
+            self.schedulers[name].step()
+            own_losses.update(own)
+        return own_losses
+
     def train_epoch(self, loader) -> dict:
         for m in self.nets.values():
             m.train()
@@ -137,16 +202,10 @@ class Trainer:
         bar = self._bar
         bar.set_description(f"{self.stage} epoch {self.epoch + 1}/{self.cfg.epochs}")
         check_every = 1 if self.device.type == "cpu" else 25
+        step_fn = self._sequential_step if self.update == "sequential" else self._simultaneous_step
         for i, (x, y) in enumerate(loader):
-            losses = self.objective(self.forward(x), y, x)
+            losses = step_fn(x, y)
             total = sum(losses.values())
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            total.backward()
-            self._hook("after_backward")
-            for n, opt in self.optimizers.items():
-                opt.step()
-                self.schedulers[n].step()
             self.step += 1
             bar.update()
             self._hook("after_step")

@@ -27,3 +27,4 @@ def get_method(name: str) -> Callable:
 
 from . import baseline  # noqa: E402,F401  (registers)
 from . import prune  # noqa: E402,F401  (registers)
+from . import quantize  # noqa: E402,F401  (registers)

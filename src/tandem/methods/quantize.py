@@ -1,0 +1,37 @@
+"""quantize: quantization-aware training (or post-training calibration) of a pretrained network.
+
+    method: quantize
+    quant: {method: lsq, w_bits: 4, a_bits: 4, mode: qat}
+
+The full-precision start is `ctx.pretrained()` (the recipe's `model.checkpoint`, or a baseline
+this run trains first). A copy is quantized (`quantize_`), calibrated on training images, then
+trained (qat) or only evaluated (ptq). Both networks are recorded; bits come from the layers.
+"""
+from __future__ import annotations
+
+import copy
+
+from ..quant import QuantSpec, calibrate, quantize_
+from . import register_method
+
+
+def quant_name(spec: QuantSpec) -> str:
+    return f"{spec.method}-w{spec.w_bits}a{spec.a_bits}" + ("-ptq" if spec.mode == "ptq" else "")
+
+
+@register_method("quantize")
+def quantize(ctx) -> None:
+    spec = ctx.recipe.quant or QuantSpec()   # no quant: section: the defaults (LSQ W4A4)
+    fp = ctx.pretrained()
+    if not any(r["name"] == "baseline" for r in ctx.results):
+        ctx.record("baseline", fp)
+    net = quantize_(copy.deepcopy(fp), spec)
+    calibrate(net, ctx.eval_loader("train"), num_batches=spec.calib_batches)
+    name = quant_name(spec)
+    if spec.mode == "ptq":
+        ctx.record(name, net)
+        return
+    updates = {k: v for k, v in (("epochs", spec.epochs), ("lr", spec.lr)) if v is not None}
+    cfg = ctx.recipe.train.model_copy(update=updates)
+    best = ctx.train_stage("qat", {name: net}, cfg=cfg)
+    ctx.record(name, net, best[name]["val_top1"])
