@@ -8,7 +8,7 @@ criterion x target then starts from that baseline file (model.checkpoint), prune
 slimming does; magnitude is unstructured and reported with nonzero MACs) and fine-tunes with
 the same schedule. The engine keeps the best-by-validation epoch; test top-1 is reported.
 
-Usage: python benchmarks/prune_accuracy.py [--seeds 0 1] [--train-size 12000]
+Usage: python benchmarks/prune_accuracy.py [--seeds 0 1] [--train-size 4000] [--test-size 2000]
 """
 from __future__ import annotations
 
@@ -36,12 +36,15 @@ CRITERIA = ["l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"]
 
 
 @register_dataset("fashion-mnist-subset")
-def fashion_mnist_subset(root: Path, *, train_size: int = 12000):
-    """Fashion-MNIST with the first ``train_size`` images of a fixed (seed 0) permutation of the
-    training set; the test set is the full 10000."""
+def fashion_mnist_subset(root: Path, *, train_size: int = 4000, test_size: int = 2000):
+    """Fashion-MNIST with the first ``train_size`` / ``test_size`` images of fixed (seed 0)
+    permutations of the training and test sets."""
     src = load_fashion_mnist_source(root)
-    idx = torch.randperm(len(src.train.labels), generator=torch.Generator().manual_seed(0))[:train_size]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(src.train.labels), generator=g)[:train_size]
     src.train = ImageSet(src.train.images[idx], src.train.labels[idx])
+    idx = torch.randperm(len(src.test.labels), generator=g)[:test_size]
+    src.test = ImageSet(src.test.images[idx], src.test.labels[idx])
     return src
 
 
@@ -49,9 +52,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
-    ap.add_argument("--train-size", type=int, default=12000)
-    ap.add_argument("--base-epochs", type=int, default=6)
-    ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--train-size", type=int, default=4000)
+    ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--base-epochs", type=int, default=4)
+    ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--criteria", nargs="+", default=CRITERIA)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-prune-accuracy"))
     args = ap.parse_args()
@@ -60,7 +64,7 @@ def main():
     shutil.rmtree(out, ignore_errors=True)
     common = {"model": "small_cnn", "protocol": "cpu-small",
               "dataset": {"name": "fashion-mnist-subset", "root": str(DATA), "val_fraction": 0.1,
-                          "options": {"train_size": args.train_size}},
+                          "options": {"train_size": args.train_size, "test_size": args.test_size}},
               "train": {"epochs": args.base_epochs, "batch_size": 128, "lr": 0.05, "progress": False}}
     rows, start = [], time.perf_counter()
     for seed in args.seeds:
@@ -95,7 +99,7 @@ def main():
     write_result("prune_accuracy-fashion-mnist-small-cnn", {
         "protocol": (f"cpu-small. small_cnn (widths 16/32/64) on Fashion-MNIST: training subset of "
                      f"{args.train_size} images (fixed permutation, seed 0), 10% of it held out as the "
-                     f"validation split (seeded by the run seed), full 10000-image test set. Per seed one FP "
+                     f"validation split (seeded by the run seed); test: {args.test_size} images of the 10000-image test set (fixed permutation). Per seed one FP "
                      f"baseline: {args.base_epochs} epochs SGD lr 0.05 cosine, batch 128, wd 5e-4. Each criterion "
                      f"x macs_target starts from that baseline file, prunes one-shot (scope: layer, except "
                      f"bn_scale: global on raw |gamma|, no sparsity training; magnitude: unstructured per-layer, "

@@ -209,3 +209,13 @@ def test_sequential_update_rejects_unnamed_terms(data):
                 cfg(epochs=1), update="sequential")
     with pytest.raises(TandemError, match="no loss term for network 'a'"):
         t.fit(train, val)
+
+
+def test_resuming_from_a_checkpoint_of_another_architecture_names_the_file(data, tmp_path):
+    train, val = loaders(data)
+    ckpt = tmp_path / "last.ckpt"
+    Trainer({"net": make_net()}, cross_entropy_objective, cfg(epochs=1), ckpt_path=ckpt).fit(train, val)
+    other = create_model("small_cnn", num_classes=4, in_channels=1, widths=[8, 16, 32])
+    t = Trainer({"net": other}, cross_entropy_objective, cfg(epochs=2), ckpt_path=ckpt)
+    with pytest.raises(CheckpointError, match=r"last.ckpt holds weights of another architecture"):
+        t.fit(train, val, resume=True)

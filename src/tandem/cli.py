@@ -89,8 +89,10 @@ def listings() -> dict[str, list[str]]:
 
     from .prune import list_criteria
 
+    from .quant import list_quantizers
+
     return {"models": list_models(), "datasets": list_datasets(), "methods": list_methods(),
-            "pruning criteria": list_criteria()}
+            "pruning criteria": list_criteria(), "quantizers": list_quantizers()}
 
 
 def cmd_list(ns) -> int:
@@ -123,6 +125,13 @@ def cmd_eval(ns) -> int:
         loader = BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device=device)
         result = evaluate(model.to(device), loader)
         print(f"{path.name}: test top-1 {result['top1']:.2f}% on {result['n']} images of {spec['name']}")
+    return 0
+
+
+def cmd_export(ns) -> int:
+    from .export import export_run
+
+    export_run(ns.target, ns.format, out_dir=ns.out, data_root=ns.data_root)
     return 0
 
 
@@ -159,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", help="dataset location, if it moved since training")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("export", help="export every model of a run folder (or one model file) to int8 ONNX "
+                                       "or to safetensors with bit-packed weights, checked on the test set")
+    ex.add_argument("target", metavar="RUN_DIR", help="a run folder or a models/*.safetensors file")
+    ex.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
+    ex.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    ex.add_argument("--data-root", help="dataset location, if it moved since training")
+    ex.set_defaults(fn=cmd_export)
     return p
 
 
