@@ -6,18 +6,36 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 # ~1 s per epoch on 2 cores: slow enough to be killed in the middle of one
 ARGS = ["train.epochs=5", "train.batch_size=8", "train.progress=false"]
 
 
-def tandem(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+PROCS = []
 
 
-def wait_for_epochs(run_dir, n, proc, timeout=120):
+def tandem(*args):
+    # one thread: a tiny net is fastest that way, and it keeps the timing sane on a loaded machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    PROCS.append(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    while PROCS:
+        p = PROCS.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def wait_for_epochs(run_dir, n, proc, timeout=600):
     metrics, ckpt = run_dir / "metrics.jsonl", run_dir / "stages" / "baseline" / "last.ckpt"
     deadline = time.time() + timeout
     while time.time() < deadline:
