@@ -5,6 +5,7 @@ allowed; nothing is created on disk before a recipe validates.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -164,7 +165,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
         key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", key):
             raise RecipeError(f"recipe error: override {item!r} is not of the form key=value (e.g. train.epochs=5)")
         try:
             value = yaml.safe_load(text) if text else None
@@ -196,7 +197,8 @@ def validate(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(_format_error(exc, raw)) from None
+        # one line, whatever odd characters a key or value holds
+        raise RecipeError(" ".join(_format_error(exc, raw).split())) from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:

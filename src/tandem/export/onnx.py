@@ -82,8 +82,9 @@ class _ExportMode:
                     report.float_weights.append(name)
         self.act = None
         aq = layer.input_quantizer
-        if aq is not None:
-            s, zp, qmin, qmax = aq.qparams()
+        qp = aq.qparams() if aq is not None else None
+        if qp is not None:
+            s, zp, qmin, qmax = qp
             if qmin >= -128 and qmax <= 255 and (qmin >= 0 or qmax <= 127):
                 lo, hi = (qmin - zp) * s, (qmax - zp) * s
                 full = (0, 255) if qmin >= 0 else (-128, 127)
@@ -224,7 +225,7 @@ def _weights_to_int8(model) -> None:
         if scale.ndim == 1 and x.ndim > 1:
             shape[axis] = -1
         q = np.clip(np.rint(x / scale.reshape(shape)) + zp.reshape(shape).astype(np.float64), -128, 127)
-        name = g.add_init(q.astype(zp.dtype), node.output[0])   # same name: consumers are unchanged
+        g.add_init(q.astype(zp.dtype), node.output[0])   # same name: consumers are unchanged
         g.g.node.remove(node)
     g.prune()
 
@@ -237,29 +238,29 @@ def _fold_bn(model) -> tuple[int, int]:
         conv = g.producer(bn.input[0])
         if conv is None or conv.op_type != "Conv" or len(g.consumers(conv.output[0])) != 1:
             continue
-        dq = g.producer(conv.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(g.consumers(dq.output[0])) != 1:
-            continue
-        q, scale, zp = g.value(dq.input[0]), g.value(dq.input[1]), g.value(dq.input[2])
         params = [g.value(i) for i in bn.input[1:5]]
-        if any(v is None for v in (q, scale, zp, *params)) or np.any(zp != 0):
+        if any(v is None for v in params):
             continue
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         factor = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
-        c = q.shape[0]
-        scale = np.broadcast_to(scale.astype(np.float64), (c,))
-        neg = factor < 0
-        q = q.astype(np.int32)
-        flip = np.where(neg, -1, 1).reshape(-1, *([1] * (q.ndim - 1)))
-        clipped += int(np.sum((q == -128) & (flip < 0)))
-        q = np.clip(q * flip, -127 if neg.any() else -128, 127).astype(np.int8)
+        dq = g.producer(conv.input[1])
+        w_float = g.value(conv.input[1]) if dq is None or dq.op_type != "DequantizeLinear" else None
+        if w_float is not None:       # a float weight (k-means codebook, FP layer): scale it
+            c = w_float.shape[0]
+            base = conv.output[0]
+            w_new = (w_float.astype(np.float64) * factor.reshape(-1, *([1] * (w_float.ndim - 1))))
+            conv.input[1] = g.add_init(w_new.astype(np.float32), base + "_w_folded")
+        elif dq is None or len(g.consumers(dq.output[0])) != 1:
+            continue
+        else:
+            q, scale, zp = g.value(dq.input[0]), g.value(dq.input[1]), g.value(dq.input[2])
+            if any(v is None for v in (q, scale, zp)) or np.any(zp != 0):
+                continue
+            clipped += _fold_into_dq(g, dq, q, scale, factor, conv.output[0])
+        c = factor.shape[0]
         bias = g.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(c)
         new_bias = (bias.astype(np.float64) - mean) * factor + beta
         base = conv.output[0]
-        dq.input[0] = g.add_init(q, base + "_w_int8")
-        dq.input[1] = g.add_init((scale * np.abs(factor)).astype(np.float32), base + "_w_scale")
-        dq.input[2] = g.add_init(np.zeros(c, np.int8), base + "_w_zp")
-        _set_axis(dq, 0)
         b_name = g.add_init(new_bias.astype(np.float32), base + "_bias")
         if len(conv.input) > 2:
             conv.input[2] = b_name
@@ -276,6 +277,21 @@ def _fold_bn(model) -> tuple[int, int]:
         folded += 1
     g.prune()
     return folded, clipped
+
+
+def _fold_into_dq(g, dq, q, scale, factor, base) -> int:
+    """Per-channel weight scale *= |factor|, codes negated where factor < 0; returns how many
+    codes of -128 had to become -127 (a negated -128 does not fit int8)."""
+    c = factor.shape[0]
+    scale = np.broadcast_to(scale.astype(np.float64), (c,))
+    flip = np.where(factor < 0, -1, 1).reshape(-1, *([1] * (q.ndim - 1)))
+    q = q.astype(np.int32) * flip
+    clipped = int(np.sum(q == 128))
+    dq.input[0] = g.add_init(np.clip(q, -128, 127).astype(np.int8), base + "_w_int8")
+    dq.input[1] = g.add_init((scale * np.abs(factor)).astype(np.float32), base + "_w_scale")
+    dq.input[2] = g.add_init(np.zeros(c, np.int8), base + "_w_zp")
+    _set_axis(dq, 0)
+    return clipped
 
 
 def _set_axis(node, axis: int) -> None:

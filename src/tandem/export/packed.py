@@ -3,10 +3,11 @@
 The file holds four tensors: `codes` (every quantized weight's integer codes, bit-packed
 layer after layer: a 4-bit weight takes half a byte), `grid` (what decodes them: per-channel
 or per-tensor scales, k-means codebooks), `floats` and `ints` (every other entry of the
-state dict, float32 and int64, concatenated in state-dict order). Names and shapes are not
+state dict, float32 and int32, concatenated in state-dict order). Names and shapes are not
 stored: the header holds the model's config and transforms, the loader rebuilds the model
 and reads the blobs in its state-dict order, so the file is the weights at their bits plus
-the float parameters plus a few hundred bytes. The rebuilt model's quantized layers hold
+the float parameters plus a few hundred bytes (which layers are packed, their bits and
+scale shapes all follow from the rebuilt model). The rebuilt model's quantized layers hold
 the decoded weights (the quantizer's own `decode`, the same float operations as its forward),
 so it computes exactly what the fake-quant model computed.
 """
@@ -60,35 +61,40 @@ def _rest_of_state(model: nn.Module, packed_names: set):
         yield k, v
 
 
+def _param_shapes(wq, weight) -> dict:
+    """Names and shapes of what `wq.encode` stores (derived, so the file need not list them)."""
+    with torch.no_grad():
+        _, params = wq.encode(weight.detach())
+    return {k: tuple(v.shape) for k, v in params.items() if k != "nonzero"}
+
+
 def save_packed(model: nn.Module, path) -> dict:
     """Write `model` with packed low-bit weights; returns {'path', 'bytes', 'packed_layers'}."""
     path = Path(path)
-    codes_parts, grid_parts, layers = [], [], []
-    for name, layer, wq in _packed_layers(model):
+    codes_parts, grid_parts, names, masked = [], [], set(), []
+    for i, (name, layer, wq) in enumerate(_packed_layers(model)):
         with torch.no_grad():
             codes, params = wq.encode(layer.weight.detach())
         codes_parts.append(pack_bits(codes, wq.bits))
-        entry = {"layer": name, "bits": wq.bits, "params": {}}
-        for key, value in params.items():
-            if key == "nonzero":          # k-means on a pruned layer: a 1-bit mask of kept weights
-                codes_parts.append(pack_bits(value.long(), 1))
-                entry["nonzero"] = True
-                continue
-            grid_parts.append(value.detach().cpu().float().flatten())
-            entry["params"][key] = list(value.shape)
-        layers.append(entry)
-    names = {e["layer"] for e in layers}
+        if "nonzero" in params:           # k-means on a pruned layer: a 1-bit mask of kept weights
+            codes_parts.append(pack_bits(params.pop("nonzero").long(), 1))
+            masked.append(i)
+        grid_parts += [v.detach().cpu().float().flatten() for v in params.values()]
+        names.add(name)
     floats, ints = [], []
     for _, v in _rest_of_state(model, names):
         (floats if v.is_floating_point() else ints).append(v.detach().cpu().flatten())
     cat = lambda parts, dtype: torch.cat([p.to(dtype) for p in parts]) if parts else torch.zeros(0, dtype=dtype)
+    ints = cat(ints, torch.int64)
+    if ints.numel() and (ints.min() < -2 ** 31 or ints.max() >= 2 ** 31):
+        raise ValueError("an integer buffer does not fit int32")
     tensors = {"codes": cat(codes_parts, torch.uint8), "grid": cat(grid_parts, torch.float32),
-               "floats": cat(floats, torch.float32), "ints": cat(ints, torch.int64)}
-    meta = {"format": FORMAT, "config": json.dumps(getattr(model, "config", None)),
-            "transforms": json.dumps(getattr(model, "tandem_transforms", [])),
-            "packed": json.dumps(layers, separators=(",", ":"))}
+               "floats": cat(floats, torch.float32), "ints": ints.to(torch.int32)}
+    compact = lambda v: json.dumps(v, separators=(",", ":"))
+    meta = {"format": FORMAT, "config": compact(getattr(model, "config", None)),
+            "transforms": compact(getattr(model, "tandem_transforms", [])), "masked": compact(masked)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return {"path": str(path), "bytes": path.stat().st_size, "packed_layers": len(layers)}
+    return {"path": str(path), "bytes": path.stat().st_size, "packed_layers": len(names)}
 
 
 class _Reader:
@@ -121,18 +127,19 @@ def load_packed(path) -> nn.Module:
             raise CheckpointError(f"{path} needs transform {spec.get('kind')!r}, unknown to this version of tandem")
         model = _TRANSFORMS[spec["kind"]](model, spec)
     codes, grid = _Reader(tensors["codes"]), _Reader(tensors["grid"])
-    for entry in json.loads(meta["packed"]):
-        layer = model.get_submodule(entry["layer"])
-        wq, bits, n = layer.weight_quantizer, entry["bits"], layer.weight.numel()
+    masked, names = set(json.loads(meta.get("masked", "[]"))), set()
+    for i, (name, layer, wq) in enumerate(list(_packed_layers(model))):
+        bits, n = wq.bits, layer.weight.numel()
         code = unpack_bits(codes.take((n * bits + 7) // 8), bits, n).reshape(layer.weight.shape)
-        params = {k: grid.take(int(np.prod(shape))).reshape(shape) for k, shape in entry["params"].items()}
-        if entry.get("nonzero"):
+        params = {k: grid.take(int(np.prod(shape))).reshape(shape)
+                  for k, shape in _param_shapes(wq, layer.weight).items()}
+        if i in masked:
             params["nonzero"] = unpack_bits(codes.take((n + 7) // 8), 1, n).reshape(layer.weight.shape).float()
         with torch.no_grad():
             layer.weight.copy_(wq.decode(code, **params))
         layer.weight_quantizer = None      # the weight is already on its grid
         layer.w_bits = bits
-    names = {e["layer"] for e in json.loads(meta["packed"])}
+        names.add(name)
     floats, ints = _Reader(tensors["floats"]), _Reader(tensors["ints"])
     state = {}
     for k, v in _rest_of_state(model, names):

@@ -14,6 +14,7 @@ from .. import cost
 from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning
 from ..prune.masks import apply_weight_masks, magnitude_masks
 from ..prune.schedules import step_fraction
+from ..engine.distributed import on_rank0
 from . import register_method
 
 
@@ -66,7 +67,7 @@ def prune_method(ctx) -> None:
         pruner = ChannelPruner(net, example, spec.criterion, **target, data=data, **options)
         cfg = finetune.model_copy(update={"epochs": spec.soft_epochs})
         ctx.train_stage("soft", {"pruned": net}, cfg=cfg, callbacks=[SoftPruning(pruner)])
-        net = pruner.apply(pruner.plan())
+        net = pruner.apply(on_rank0(pruner.plan))
         best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune)
     else:
         steps = spec.steps if spec.schedule == "iterative" else 1
@@ -76,7 +77,7 @@ def prune_method(ctx) -> None:
             else:
                 step = {"ratio": 1 - step_fraction(1 - target["ratio"], steps), "macs_target": None}
             pruner = ChannelPruner(net, example, spec.criterion, **step, data=data, **options)
-            net = pruner.apply(pruner.plan())
+            net = pruner.apply(on_rank0(pruner.plan))
             cfg = finetune.model_copy(update={"epochs": max(1, finetune.epochs // steps)}) if steps > 1 else finetune
             best = ctx.train_stage(f"finetune{k if steps > 1 else ''}", {"pruned": net}, cfg=cfg)
     ctx.record("pruned", net, _val(best))

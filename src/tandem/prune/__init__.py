@@ -7,6 +7,9 @@ Modules: groups (which channels are coupled, traced with torch.fx), criteria (l1
 bn_scale, hrank, random), select (per-layer / global / MACs target), masks (hard, soft, gates,
 per-weight magnitude), surgery (the smaller nn.Module), schedules (engine callbacks), api.
 """
+import sys
+import types
+
 from .api import ChannelPruner, prune
 from .criteria import Criterion, get_criterion, list_criteria, register_criterion
 from .groups import ChannelGraph, Group, Member
@@ -20,3 +23,13 @@ __all__ = ["prune", "ChannelPruner", "ChannelGraph", "Group", "Member", "Criteri
            "list_criteria", "register_criterion", "select", "MacsModel", "zero_channels", "attach_gate",
            "magnitude_masks", "apply_weight_masks", "remove_channels", "apply_removal", "SlimmingPenalty",
            "SoftPruning", "KeepMasked", "PruneSpec"]
+
+
+class _CallablePackage(types.ModuleType):
+    """``tandem.prune(model, ...)`` is ``tandem.prune.prune(model, ...)``; attributes are the package's."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

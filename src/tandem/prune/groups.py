@@ -67,6 +67,11 @@ _PASS_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hard
 _PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
 _TIE_OPS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, torch.add, torch.mul, torch.sub}
 _TIE_METHODS = {"add", "add_", "mul", "mul_", "sub"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+# channel-preserving but 0 -> nonzero: allowed only as the multiplier of a zero channel
+_NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_NONZERO_FUNCS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_NONZERO_METHODS = {"sigmoid"}
 
 
 class ChannelGraph:
@@ -94,6 +99,7 @@ class ChannelGraph:
         self._frozen: set[int] = set()
         self._members: dict[int, list[Member]] = {}
         self._calls: dict[str, int] = {}
+        self._nonzero: dict = {}   # node -> view of a sigmoid-like output (see _walk)
         self.layers: dict[str, Layer] = {}
         self._walk(gm.graph)
         self.groups = self._collect()
@@ -162,7 +168,22 @@ class ChannelGraph:
                 offset += n
 
         for node in graph.nodes:
-            if node.op == "placeholder":
+            # a channel that is not 0 where its input was 0 (after a sigmoid) is harmless only
+            # as a multiplier of a zero channel (squeeze-excitation); any other use freezes it
+            if not self._is_tie(node, mul_only=True):
+                for a in all_nodes(list(node.args) + list(node.kwargs.values())):
+                    if a in self._nonzero:
+                        self._freeze(self._nonzero.pop(a))
+            if node.op == "call_module" and isinstance(self._modules[node.target], _NONZERO_MODULES) or \
+                    node.op == "call_function" and node.target in _NONZERO_FUNCS or \
+                    node.op == "call_method" and node.target in _NONZERO_METHODS:
+                x = view_of(node.args[0])
+                if x is not None and x[1] == 1:
+                    self._nonzero[node] = x
+                    views[node] = None
+                else:
+                    views[node] = unknown(node)
+            elif node.op == "placeholder":
                 views[node] = self._fresh(node)
             elif node.op == "get_attr":
                 views[node] = None
@@ -173,6 +194,8 @@ class ChannelGraph:
                 views[node] = self._module(node, views, view_of, unknown, members)
             else:
                 views[node] = self._function(node, view_of, unknown, all_nodes)
+        for view in self._nonzero.values():
+            self._freeze(view)
         for name, count in self._calls.items():
             if count > 1:   # shared weights: removing a channel for one call would change the other
                 for o, ms in self._members.items():
@@ -238,8 +261,7 @@ class ChannelGraph:
             return None
         if fn is getattr or (fn is operator.getitem and x is None):
             return None
-        is_tie = (node.op == "call_function" and fn in _TIE_OPS) or (node.op == "call_method" and fn in _TIE_METHODS)
-        if is_tie:
+        if self._is_tie(node):
             return self._tie(node, view_of, unknown)
         if (node.op == "call_function" and fn in _PASS_FUNCS) or (node.op == "call_method" and fn in _PASS_METHODS):
             return x if x is not None and x[1] == 1 else unknown(node)
@@ -269,9 +291,28 @@ class ChannelGraph:
             return unknown(node)
         return unknown(node)
 
+    @staticmethod
+    def _is_tie(node, mul_only=False) -> bool:
+        if node.op == "call_function":
+            return node.target in (_MUL if mul_only else _TIE_OPS)
+        return node.op == "call_method" and node.target in (_MUL if mul_only else _TIE_METHODS)
+
     def _tie(self, node, view_of, unknown):
         """a + b, a * b: channels at the same position are one channel."""
         tensors = [a for a in node.args if isinstance(a, fx.Node) and self._shape(a) is not None]
+        gates = [a for a in tensors if a in self._nonzero]
+        if gates:   # x * sigmoid(s): removing channel i removes it from both (x_i is 0, so x_i * s_i is 0)
+            others = [a for a in tensors if a not in self._nonzero]
+            if len(gates) == 1 and len(others) == 1 and view_of(others[0]) is not None:
+                views = [view_of(others[0]), self._nonzero.pop(gates[0])]
+                if views[0][1] == views[1][1] and [n for _, n in views[0][0]] == [n for _, n in views[1][0]]:
+                    for (a, _), (b, _) in zip(views[0][0], views[1][0]):
+                        self._union(a, b)
+                    return views[0]
+                self._freeze(views[1])
+            for g in gates:
+                self._freeze(self._nonzero.pop(g, None))
+            return unknown(node)
         if len(tensors) == 1 and all(not isinstance(a, fx.Node) for a in node.args if a is not tensors[0]):
             x = view_of(tensors[0])
             return x   # a tensor and a Python scalar

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .masks import apply_weight_masks, prunable_weights
+from ..engine.distributed import on_rank0
 
 
 class SlimmingPenalty:
@@ -39,7 +40,7 @@ class SoftPruning:
     def on_epoch_end(self, trainer, epoch: int) -> None:
         if epoch % self.every:
             return
-        removed = self.pruner.plan()
+        removed = on_rank0(self.pruner.plan)   # the same channels on every DDP rank
         self.pruner.mask(removed, soft=True)
         same = sum(len(set(v.tolist()) & set(self._last.get(k, torch.tensor([])).tolist()))
                    for k, v in removed.items())

@@ -314,6 +314,8 @@ class ActQuantizer(Quantizer):
             return x
         if not self.calibrated:
             self._need_calibration()
+        if x.dtype in (torch.float16, torch.bfloat16):   # under autocast: round in float32
+            x = x.float()
         return self.quantize(x)
 
     def quantize(self, x):
@@ -321,7 +323,8 @@ class ActQuantizer(Quantizer):
 
     def qparams(self):
         """(scale, zero_point, qmin, qmax) as python numbers: forward(x) equals
-        (clamp(round(x/scale) + zero_point, qmin, qmax) - zero_point) * scale."""
+        (clamp(round(x/scale) + zero_point, qmin, qmax) - zero_point) * scale; None when the
+        quantizer's grid is not of that form."""
         raise NotImplementedError
 
 
@@ -336,14 +339,39 @@ class DoReFaAct(ActQuantizer):
 
     def quantize(self, x):
         n = self._n()
-        lo = -1.0 if self.signed else 0.0
         if n == 0:   # 1-bit signed: sign
             return _sign_ste(x)
-        return round_ste(x.clamp(lo, 1.0) * n) / n
+        # == round(clamp(x, lo, 1) * n) / n, in one fused pass each way (STE mask: the grid's range)
+        return torch.fake_quantize_per_tensor_affine(x, 1.0 / n, 0, -n if self.signed else 0, n)
 
     def qparams(self):
         n = self._n()
+        if n == 0:                 # 1-bit signed: sign(x), not an integer grid with a zero
+            return None
         return (1.0 / n, 0, -n if self.signed else 0, n)
+
+
+class _PACTFunction(torch.autograd.Function):
+    """PACT in one fused fake-quantize pass forward; backward: dy/dx = 1 on (lo, alpha),
+    dy/dalpha = 1 where x >= alpha (and -1 where x <= -alpha for the signed form). Saves two
+    bit masks instead of x."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, n, signed, zp0):
+        a = alpha.detach().abs().clamp_min(1e-8)
+        above = x >= a
+        below = x <= (-a if signed else 0)
+        ctx.save_for_backward(above, below)
+        ctx.signed, ctx.shape = signed, alpha.shape
+        return torch.fake_quantize_per_tensor_affine(x, a / n, zp0, -n if signed else 0, n)
+
+    @staticmethod
+    def backward(ctx, g):
+        above, below = ctx.saved_tensors
+        grad_a = torch.dot(g.flatten(), above.flatten().to(g.dtype))
+        if ctx.signed:
+            grad_a = grad_a - torch.dot(g.flatten(), below.flatten().to(g.dtype))
+        return g.masked_fill(above | below, 0), grad_a.reshape(ctx.shape), None, None, None
 
 
 class PACTAct(ActQuantizer):
@@ -357,22 +385,22 @@ class PACTAct(ActQuantizer):
     def __init__(self, bits, signed="auto", alpha: float = 10.0):
         super().__init__(bits, signed)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.register_buffer("_zp0", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def _n(self):
-        return max(1, 2 ** (self.bits - 1) - 1) if self.signed else 2 ** self.bits - 1
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+    def finish_calibration(self):
+        super().finish_calibration()
+        if self.signed and self.bits < 2:
+            raise TandemError("pact needs at least 2 bits for a signed input (found at calibration); "
+                              "give that layer more bits, or use first_last / skip")
 
     def quantize(self, x):
-        n = self._n()
-        a = self.alpha
-        if self.signed:
-            y = torch.minimum(torch.maximum(x, -a), a)
-        else:
-            y = torch.minimum(x.clamp_min(0), a)
-        # STE: the rounding error is a constant, so d/dx and d/dalpha are exactly the clip's
-        return y + (torch.round(y * (n / a)) * (a / n) - y).detach()
+        return _PACTFunction.apply(x, self.alpha, self._n(), self.signed, self._zp0)
 
     def qparams(self):
-        n, a = self._n(), float(self.alpha.detach())
+        n, a = self._n(), max(float(self.alpha.detach().abs()), 1e-8)
         return (a / n, 0, -n if self.signed else 0, n)
 
 
@@ -462,11 +490,8 @@ class ObserverAct(ActQuantizer):
         self.zero_point.fill_(zp)
 
     def quantize(self, x):
-        qmax = 2 ** self.bits - 1
-        lo = -self.zero_point * self.scale
-        hi = (qmax - self.zero_point) * self.scale
-        y = torch.minimum(torch.maximum(x, lo), hi)
-        return round_ste(y / self.scale) * self.scale
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point.to(torch.int32), 0,
+                                                     2 ** self.bits - 1)
 
     def qparams(self):
         return (float(self.scale), int(self.zero_point), 0, 2 ** self.bits - 1)

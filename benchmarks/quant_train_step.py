@@ -1,0 +1,84 @@
+"""Training-step time of QAT (each quantizer, W4A4) against full precision, measured side by side.
+
+ResNet-20, batch 128 of 3x32x32, CPU; one step = forward, cross-entropy, backward, SGD step.
+The configurations are timed in interleaved rounds (round r times every configuration once,
+in a rotated order), and each ratio is the median over rounds of (QAT step / FP step of the
+same round), so a slow patch of a shared machine hits both sides.
+
+    python benchmarks/quant_train_step.py --rounds 7 --steps 2 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import write_result
+from tandem.models import create_model
+from tandem.quant import calibrate, quantize_
+
+QUANTIZERS = ["dorefa", "dorefa_picpq", "pact", "lsq", "minmax", "kmeans"]
+
+
+def build(method, x):
+    torch.manual_seed(0)
+    net = create_model("resnet20", num_classes=10)
+    if method != "fp":
+        quantize_(net, method=method, w_bits=4, a_bits=4)
+        calibrate(net, [x[:32]])
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    return net, torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def step(net, opt, x, y):
+    loss = F.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=2, help="steps per timing")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    x, y = torch.randn(a.batch_size, 3, 32, 32), torch.randint(0, 10, (a.batch_size,))
+    configs = ["fp"] + QUANTIZERS
+    nets = {c: build(c, x) for c in configs}
+    for c in configs:                                   # warm-up
+        step(*nets[c], x, y)
+    times = {c: [] for c in configs}
+    for r in range(a.rounds):
+        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        for c in order:
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step(*nets[c], x, y)
+            times[c].append((time.perf_counter() - t0) / a.steps)
+        print(f"round {r + 1}: " + ", ".join(f"{c} {times[c][-1] * 1e3:.0f} ms" for c in configs), flush=True)
+    fp = times["fp"]
+    result = {c: {"median_step_ms": round(statistics.median(times[c]) * 1e3, 1),
+                  "ratio_to_fp_median": round(statistics.median(t / f for t, f in zip(times[c], fp)), 3),
+                  "ratio_min": round(min(t / f for t, f in zip(times[c], fp)), 3),
+                  "ratio_max": round(max(t / f for t, f in zip(times[c], fp)), 3)} for c in configs}
+    path = write_result("quant_train_step-resnet20-cpu", {
+        "protocol": f"ResNet-20, batch {a.batch_size}, 3x32x32 random input, W4A4 (first/last layer 8-bit min-max), "
+                    f"per-tensor weights; one step = forward + CE + backward + SGD(momentum, wd); {a.rounds} "
+                    f"interleaved rounds of {a.steps} steps; ratio = median over rounds of QAT/FP of the same round. "
+                    f"torch threads {a.threads}. The machine was shared with other agents' jobs (load average "
+                    f"above the 2 cores), so absolute times are inflated and noisy; the ratios are the result.",
+        "target": "QAT step <= 1.5x FP step", "results": result})
+    for c, r in result.items():
+        print(c, r)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

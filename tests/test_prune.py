@@ -1,0 +1,376 @@
+"""Pruning: criteria against their definitions, exact surgery on every built-in and on user models,
+MACs after pruning, selection limits, schedules (soft regrowth, slimming, magnitude masks), the
+recipe method end to end."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tandem import cost
+from tandem.engine import load_model, save_model
+from tandem.errors import RecipeError, TandemError
+from tandem.models import create_model, list_models
+from tandem.prune import (ChannelGraph, ChannelPruner, KeepMasked, SlimmingPenalty, SoftPruning, attach_gate,
+                          get_criterion, list_criteria, magnitude_masks, prune, select)
+from tandem.prune.masks import apply_weight_masks
+from tandem.prune.select import MacsModel
+
+# small inputs keep the suite fast; the channel structure does not depend on the resolution
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
+    made these small convolutions up to 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+INPUTS = {"small_cnn": (1, 12, 12), "vgg11": (3, 32, 32), "vgg13": (3, 32, 32), "vgg16": (3, 32, 32),
+          "vgg19": (3, 32, 32)}
+
+
+def _randomize_bn(model):
+    """Non-trivial BN statistics so that a wrongly kept or dropped channel shows in the output."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _check_exact(model, x, removed_from, **kw):
+    """Prune, and compare the smaller model with the masked original on the same input."""
+    pruner = ChannelPruner(model, x[:1], removed_from, **kw)
+    removed = pruner.plan()
+    assert removed, "nothing was selected"
+    small = pruner.apply(removed).eval()
+    masked = copy.deepcopy(model)
+    ChannelPruner(masked, x[:1], "l1", ratio=0.0).mask(removed)
+    want, got = masked(x), small(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()))
+    return pruner, removed, small
+
+
+# ---- criteria against their definitions -------------------------------------------------------
+
+def test_fpgm_is_the_sum_of_distances_to_the_other_filters():
+    filters = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0], [0.0, 1.0]])
+    # hand-computed: d01=5, d02=10, d03=1, d12=5, d13=sqrt(9+9)=4.243, d23=sqrt(36+49)=9.220
+    d13, d23 = 18 ** 0.5, 85 ** 0.5
+    want = torch.tensor([5 + 10 + 1, 5 + 5 + d13, 10 + 5 + d23, 1 + d13 + d23])
+    torch.testing.assert_close(get_criterion("fpgm").filter_scores(filters), want)
+    torch.testing.assert_close(get_criterion("l1").filter_scores(filters), torch.tensor([0.0, 7, 14, 1]))
+    torch.testing.assert_close(get_criterion("l2").filter_scores(filters), torch.tensor([0.0, 5, 10, 1]))
+
+
+class _TwoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hrank_is_the_average_rank_of_each_channels_map():
+    model = _TwoConv()
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).view(3, 2, 1, 1))
+    def image(rank_a, rank_b):
+        a = torch.diag(torch.tensor([1.0] * rank_a + [0.0] * (5 - rank_a)))
+        b = torch.diag(torch.tensor([2.0] * rank_b + [0.0] * (5 - rank_b)))
+        return torch.stack([a, b])
+    batch = torch.stack([image(1, 3), image(2, 3)])          # channel 0: ranks 1, 2; channel 1: 3, 3
+    graph = ChannelGraph(model, batch[:1])
+    crit = get_criterion("hrank")
+    crit.prepare(graph, [batch])
+    group = next(g for g in graph.groups if g.name == "conv1")
+    torch.testing.assert_close(crit.score(graph, group), torch.tensor([1.5, 3.0, 0.0]))
+
+
+def test_bn_scale_scores_gamma_and_random_is_seeded():
+    model = _TwoConv()
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
+    graph = ChannelGraph(model, torch.randn(1, 2, 5, 5))
+    group = next(g for g in graph.groups if g.name == "conv1")
+    torch.testing.assert_close(get_criterion("bn_scale").score(graph, group), torch.tensor([0.5, 2.0, 1.0]))
+    a = get_criterion("random", seed=3).score(graph, group)
+    assert torch.equal(a, get_criterion("random", seed=3).score(graph, group))
+
+
+def test_criteria_listing_and_unknown_criterion():
+    assert set(list_criteria()) == {"l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"}
+    with pytest.raises(TandemError, match="allowed: .*fpgm.*hrank"):
+        get_criterion("taylor")
+
+
+# ---- surgery is exact -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list_models())
+def test_surgery_preserves_outputs_on_every_builtin_model(name):
+    torch.manual_seed(0)
+    shape = INPUTS.get(name, (3, 16, 16))
+    kw = {"stem": "cifar"} if name == "resnet18" else {}
+    model = _randomize_bn(create_model(name, in_channels=shape[0], **kw))
+    x = torch.randn(2, *shape)
+    pruner, removed, small = _check_exact(model, x, "l1", macs_target=0.5, scope="global")
+    base, after = cost.profile(model, shape).macs, cost.profile(small, shape).macs
+    assert after <= 0.5 * base
+    predicted = MacsModel(pruner.graph)
+    for g in pruner.graph.groups:
+        if g.name in removed:
+            predicted.remove(g, len(removed[g.name]))
+    assert after == pytest.approx(predicted.total)                # the selection's MACs model is exact
+    assert small.config["widths"] != model.config["widths"]
+    assert json.loads(json.dumps(small.config)) == small.config   # rebuilds from its config
+
+
+def test_option_a_resnet_prunes_only_block_internal_channels(tmp_path):
+    model = _randomize_bn(create_model("resnet20"))
+    graph = ChannelGraph(model, torch.randn(1, 3, 32, 32))
+    assert sorted(g.name for g in graph.groups) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
+    import tandem.prune
+    small = tandem.prune(model, torch.randn(1, 3, 32, 32), "fpgm", ratio=0.5)   # the package is callable
+    assert small.config["widths"][:3] == [16, 8, 16]
+    save_model(small, tmp_path / "p.safetensors")
+    loaded, _ = load_model(tmp_path / "p.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), small.eval()(x))
+
+
+class _UserNet(nn.Module):
+    """Residual add, concatenation, depthwise conv, squeeze-excitation multiply, and a flatten of
+    a 2x2 map into a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.b1 = nn.Conv2d(16, 8, 1)
+        self.b2 = nn.Conv2d(16, 12, 1)
+        self.bn_cat = nn.BatchNorm2d(20)
+        self.dw = nn.Sequential(nn.Conv2d(20, 20, 3, padding=1, groups=20, bias=False), nn.BatchNorm2d(20), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(20, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.se = nn.Conv2d(24, 24, 1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(24 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.a(x))                                   # residual: stem and a tied
+        x = torch.cat([self.b1(x), self.b2(x)], dim=1)              # concat of two producers
+        x = self.pw(self.dw(F.relu(self.bn_cat(x))))               # BN over the concat, depthwise
+        x = x * torch.sigmoid(self.se(x.mean((2, 3), keepdim=True)))   # SE: the multiply ties se and pw
+        x = torch.flatten(self.pool(x), 1)                          # 24 channels x 4 positions
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn_scale", "hrank", "random"])
+def test_surgery_preserves_outputs_on_user_models(criterion):
+    torch.manual_seed(0)
+    model = _randomize_bn(_UserNet())
+    x = torch.randn(4, 3, 12, 12)
+    graph = ChannelGraph(model, x[:1])
+    names = {g.name: g for g in graph.groups}
+    assert {"stem.0", "b1", "b2", "pw.0", "fc1"} <= set(names)
+    assert {m.module for m in names["stem.0"].of_kind("out")} == {"stem.0", "a.0"}      # residual
+    assert {(m.module, m.kind, m.offset) for m in names["b2"].members if m.offset} == {
+        ("bn_cat", "bn", 8), ("dw.0", "dw", 8), ("dw.1", "bn", 8), ("pw.0", "in", 8)}       # concat offsets
+    assert {m.module for m in names["pw.0"].of_kind("out")} == {"pw.0", "se"}           # SE multiply
+    assert [m.repeat for m in names["pw.0"].of_kind("in") if m.module == "fc1"] == [4]  # flatten
+    scope = "global" if criterion == "bn_scale" else "layer"
+    _, removed, small = _check_exact(model, x, criterion, ratio=0.5, scope=scope, data=[x])
+    assert not hasattr(small, "config") and isinstance(small, _UserNet)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.mid(F.relu(self.conv(x)))
+        x = self.mid(F.relu(x))                     # the same layer twice: its channels are frozen
+        return self.head(x.mean((2, 3)))
+
+
+def test_layers_called_twice_are_left_alone_and_gates_equal_masks():
+    graph = ChannelGraph(_Shared(), torch.randn(1, 3, 8, 8))
+    assert [g.name for g in graph.groups] == []
+    torch.manual_seed(0)
+    model = _randomize_bn(_TwoConv())
+    x = torch.randn(2, 2, 6, 6)
+    graph = ChannelGraph(model, x[:1])
+    group = next(g for g in graph.groups if g.name == "conv1")
+    handles = attach_gate(graph, group, lambda: torch.tensor([1.0, 0.0, 1.0]))
+    gated = model(x)
+    for h in handles:
+        h.remove()
+    masked = copy.deepcopy(model)
+    ChannelPruner(masked, x[:1], ratio=0.0).mask({"conv1": torch.tensor([1])})
+    torch.testing.assert_close(gated, masked(x))
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+def test_selection_limits_and_errors():
+    model = create_model("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    pruner = ChannelPruner(model, x, "l1", ratio=0.5, max_ratio=0.9)
+    scores = pruner.scores()
+    per_layer = select(pruner.graph, scores, ratio=0.5)
+    assert all(len(v) == g.size // 2 for g in pruner.graph.groups for k, v in per_layer.items() if k == g.name)
+    glob = select(pruner.graph, scores, ratio=0.5, scope="global")
+    assert sum(map(len, glob.values())) == sum(g.size for g in pruner.graph.groups) // 2
+    deep = select(pruner.graph, scores, macs_target=0.2, scope="global", max_ratio=0.95)
+    assert all(len(deep.get(g.name, [])) < g.size for g in pruner.graph.groups)       # never emptied
+    with pytest.raises(TandemError, match=r"ratio=1.0 is outside the allowed range \[0, 1\)"):
+        ChannelPruner(model, x, "l1", ratio=1.0)
+    with pytest.raises(TandemError, match="max_ratio=0.5"):
+        prune(model, x, "l1", macs_target=0.2, max_ratio=0.5)
+    with pytest.raises(TandemError, match="max_ratio=0.5"):
+        prune(model, x, "l1", macs_target=0.2, max_ratio=0.5, scope="global")
+    with pytest.raises(TandemError, match="unknown pruning criterion 'l3'; allowed"):
+        prune(model, x, "l3", ratio=0.5)
+    with pytest.raises(TandemError, match="scope='local' is not allowed"):
+        prune(model, x, "l1", ratio=0.5, scope="local")
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+class _FakeTrainer:
+    def __init__(self, net):
+        self.nets = {"net": net}
+
+
+def _sgd_steps(model, x, y, n, momentum=0.9, weight_decay=5e-4, callbacks=()):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    trainer = _FakeTrainer(model)
+    model.train()
+    for _ in range(n):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for cb in callbacks:
+            getattr(cb, "after_backward", lambda t: None)(trainer)
+        opt.step()
+        for cb in callbacks:
+            getattr(cb, "after_step", lambda t: None)(trainer)
+
+
+def test_soft_pruning_zeroes_filters_that_then_regrow():
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model("small_cnn", in_channels=1))   # a trained BN shift (beta != 0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    pruner = ChannelPruner(model, x[:1], "l2", ratio=0.5)
+    soft = SoftPruning(pruner)
+    soft.on_epoch_end(_FakeTrainer(model), 1)
+    removed = soft._last
+    conv = model.features[0][0]
+    zeroed = removed["features.0.0"]
+    assert conv.weight[zeroed].abs().sum() == 0
+    assert (model.features[0][1].weight[zeroed] != 0).all()               # soft: BN kept
+    assert soft.history[0]["zeroed"] == sum(len(v) for v in removed.values())
+    beta = model.features[0][1].bias[zeroed].detach().clone()
+    _sgd_steps(model, x, y, 3)
+    grown = conv.weight[zeroed].flatten(1).abs().sum(1) > 0
+    # they regrow; a zeroed channel gets a gradient through BN when ReLU(beta) passes it (beta > 0)
+    assert grown[beta > 0].all() and grown.any()
+    final = pruner.apply(pruner.plan())
+    assert final.config["widths"] == [8, 16, 32]
+
+
+def test_slimming_penalty_adds_the_l1_subgradient():
+    model = _TwoConv()
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.tensor([0.5, -2.0, 0.0]))
+    F.cross_entropy(model(torch.randn(2, 2, 4, 4)), torch.tensor([0, 1])).backward()
+    before = model.bn1.weight.grad.clone()
+    SlimmingPenalty(0.1).after_backward(_FakeTrainer(model))
+    torch.testing.assert_close(model.bn1.weight.grad - before, torch.tensor([0.1, -0.1, 0.0]))
+
+
+def test_magnitude_masks_hold_through_fine_tuning_and_count_as_nonzero_macs():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_channels=1)
+    masks = magnitude_masks(model, 0.7)
+    apply_weight_masks(model, masks)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    _sgd_steps(model, x, y, 3, callbacks=[KeepMasked(model, masks)])
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert torch.equal(m.weight != 0, masks[f"{name}.weight"]) or (m.weight[~masks[f"{name}.weight"]] == 0).all()
+            assert (m.weight == 0).float().mean() >= 0.69
+    c = cost.profile(model, (1, 8, 8))
+    assert c.nonzero_macs == pytest.approx(0.3 * c.macs, rel=0.02)
+    same = prune(create_model("small_cnn", in_channels=1), x[:1], "magnitude", macs_target=0.3)
+    assert cost.profile(same, (1, 8, 8)).nonzero_macs == pytest.approx(0.3 * c.macs, rel=0.02)
+
+
+# ---- the recipe method ------------------------------------------------------------------------
+
+def test_prune_method_end_to_end_and_eval(tmp_path, capsys):
+    from tandem.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "method=prune", "prune.criterion=fpgm", "prune.macs_target=0.5", "train.epochs=1",
+                 "train.progress=false", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    assert rows["pruned"]["macs"] <= 0.5 * rows["baseline"]["macs"]
+    assert rows["pruned"]["params"] < rows["baseline"]["params"]
+    net, _ = load_model(out / rows["pruned"]["model_file"])
+    assert cost.profile(net, (1, 8, 8)).macs == rows["pruned"]["macs"]
+    capsys.readouterr()
+    assert main(["eval", str(out / rows["pruned"]["model_file"])]) == 0
+    assert f"test top-1 {rows['pruned']['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_prune_recipe_errors_name_what_is_allowed():
+    from tandem.recipes import load_recipe
+
+    with pytest.raises(RecipeError, match=r"prune.ratio = 1.5: .*allowed range \[0, 1\)"):
+        load_recipe(None, ["method=prune", "prune.ratio=1.5"])
+    with pytest.raises(RecipeError, match="prune.criterion = 'taylor': unknown pruning criterion; allowed: .*l1"):
+        load_recipe(None, ["method=prune", "prune.criterion=taylor"])
+    with pytest.raises(RecipeError, match="unknown key 'prune.epochs'; allowed here: criterion"):
+        load_recipe(None, ["method=prune", "prune.epochs=3"])
+    r = load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.scope=global", "prune.macs_target=0.3"])
+    assert r.prune.target() == {"ratio": None, "macs_target": 0.3}
+
+
+def test_iterative_and_slimming_schedules_run_and_resume(tmp_path, capsys):
+    from tandem.cli import main
+
+    out = tmp_path / "it"
+    args = ["run", "method=prune", "prune.criterion=l1", "prune.schedule=iterative", "prune.steps=2",
+            "prune.macs_target=0.4", "train.epochs=2", "train.progress=false", "--out", str(out)]
+    assert main(args) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    assert rows["pruned"]["macs"] <= 0.4 * rows["baseline"]["macs"]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["baseline", "finetune1", "finetune2"]
+    assert main(["run", "--resume", "--out", str(out)]) == 0      # finished stages reload, same result
+    again = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    assert again["pruned"]["top1"] == rows["pruned"]["top1"]
+    out = tmp_path / "slim"
+    assert main(["run", "method=prune", "prune.criterion=bn_scale", "prune.sparsity_epochs=1", "prune.ratio=0.5",
+                 "train.epochs=1", "train.progress=false", "--out", str(out)]) == 0
+    assert (out / "stages" / "sparsity" / "done.json").exists()
+    capsys.readouterr()

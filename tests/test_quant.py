@@ -1,0 +1,299 @@
+"""Quantizers against their papers' formulas, quantize_ on user models, the quantize method."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tandem
+from tandem import cost
+from tandem.errors import RecipeError, TandemError
+from tandem.quant import (DoReFaAct, DoReFaWeight, KMeansWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct,
+                          PACTAct, PICPQWeight, QuantConv2d, QuantLinear, calibrate, kmeans_1d, layer_plan,
+                          quantize_, round_ste)
+from tandem.quant.observers import affine_qparams
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is faster, and it does not oversubscribe a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def _levels(t):
+    return sorted(set(torch.round(t.detach() * 1e5).div(1e5).flatten().tolist()))
+
+
+def test_round_ste_is_exact_forward_identity_backward():
+    x = torch.tensor([0.2, 0.5, 1.5, 2.7, -1.2], requires_grad=True)
+    y = round_ste(x)
+    assert torch.equal(y, torch.round(x.detach()))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_dorefa_weight_formula_and_levels(k):
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    n = 2 ** k - 1
+    t = torch.tanh(w)
+    expected = 2 * torch.round((t / (2 * t.abs().max()) + 0.5) * n) / n - 1
+    q = DoReFaWeight(k)(w)
+    assert torch.allclose(q, expected, atol=1e-6)
+    assert len(_levels(q)) <= 2 ** k and q.abs().max() <= 1 + 1e-6
+    assert _levels(q)[0] == -1.0 and _levels(q)[-1] == 1.0   # the extreme weight maps to +-1
+
+
+def test_dorefa_one_bit_is_sign_times_mean_abs():
+    w = torch.tensor([[0.5, -1.0, 2.0, -0.5]])
+    q = DoReFaWeight(1)(w)
+    assert torch.allclose(q, torch.sign(w) * w.abs().mean())
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_picpq_weight_is_symmetric_grid(k):
+    torch.manual_seed(0)
+    w = torch.randn(16, 8)
+    n = 2 ** (k - 1) - 1
+    t = torch.tanh(w)
+    expected = torch.round(t / t.abs().max() * n) / n
+    q = PICPQWeight(k)(w)
+    assert torch.allclose(q, expected, atol=1e-6)
+    assert len(_levels(q)) <= 2 ** k - 1 and 0.0 in _levels(q) or k == 1
+
+
+def test_dorefa_activation_levels_and_ste():
+    aq = DoReFaAct(2)
+    aq.set_flags(calibrated=True, signed=False)
+    x = torch.tensor([-0.5, 0.1, 0.2, 0.5, 0.9, 1.7], requires_grad=True)
+    y = aq(x)
+    assert torch.allclose(y, torch.tensor([0, 0, 1 / 3, 2 / 3, 1, 1]), atol=1e-6)  # round half to even at .5*3
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 1, 0]))
+
+
+def test_pact_forward_and_gradients():
+    aq = PACTAct(2, alpha=2.0)
+    aq.set_flags(calibrated=True, signed=False)
+    x = torch.tensor([-1.0, 0.3, 1.0, 1.9, 2.5, 4.0], requires_grad=True)
+    y = aq(x)
+    a, n = 2.0, 3
+    expected = torch.round(x.detach().clamp(0, a) * n / a) * a / n
+    assert torch.allclose(y, expected)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    y.backward(g)
+    assert torch.equal(x.grad, torch.tensor([0.0, 2, 3, 4, 0, 0]))            # 1 on (0, alpha)
+    assert aq.alpha.grad.item() == pytest.approx(5.0 + 6.0)                   # 1 where x >= alpha
+
+
+def _lsq_step_grad(v, s, qn, qp):
+    """LSQ's analytic d v_hat / d s per element (Esser et al. eq. 3)."""
+    r = v / s
+    inside = (-qn < r) & (r < qp)
+    return torch.where(inside, -r + torch.round(r), torch.where(r <= -qn, torch.full_like(r, -qn), torch.full_like(r, qp)))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_lsq_activation_step_gradient_matches_the_analytic_expression(signed):
+    torch.manual_seed(0)
+    bits = 3
+    aq = LSQAct(bits, signed="signed" if signed else "unsigned")
+    x = torch.randn(4, 5, 6) * 2 + (0 if signed else 1.5)
+    x = x if signed else x.abs() + 1e-3       # no value exactly on the clip boundary
+    aq.observing = True
+    aq(x)
+    aq.observing = False
+    aq.finish_calibration()
+    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    assert aq.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(qp), rel=1e-5)  # LSQ init
+    xr = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    y = aq(xr)
+    s = aq.step.detach()
+    assert torch.allclose(y, torch.round((x / s).clamp(-qn, qp)) * s)
+    y.backward(g)
+    scale = 1 / math.sqrt(x[0].numel() * qp)                                  # N = features per example
+    expected = (g * _lsq_step_grad(x, s, qn, qp)).sum() * scale
+    assert aq.step.grad.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    inside = ((x / s) > -qn) & ((x / s) < qp)
+    assert torch.allclose(xr.grad, g * inside)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_weight_init_gradient_and_per_channel_steps(per_channel):
+    torch.manual_seed(1)
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.1, 1.0, 3.0, 0.5]).view(4, 1, 1, 1)
+    wq = LSQWeight(4, per_channel=per_channel, channels=4)
+    wq.calibrate_weight(w)
+    qn, qp = 8, 7
+    if per_channel:
+        assert wq.step.shape == (4,)
+        assert torch.allclose(wq.step, 2 * w.abs().flatten(1).mean(1) / math.sqrt(qp))
+    else:
+        assert wq.step.item() == pytest.approx(2 * w.abs().mean().item() / math.sqrt(qp), rel=1e-5)
+    y = wq(w)
+    s = wq.step.detach().view(-1, 1, 1, 1) if per_channel else wq.step.detach()
+    assert torch.allclose(y, torch.round((w / s).clamp(-qn, qp)) * s)
+    y.sum().backward()
+    n = w[0].numel() if per_channel else w.numel()
+    per_el = _lsq_step_grad(w, s, qn, qp) / math.sqrt(n * qp)
+    expected = per_el.flatten(1).sum(1) if per_channel else per_el.sum()
+    assert torch.allclose(wq.step.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_minmax_weight_per_channel_scales():
+    w = torch.tensor([[0.1, -0.2, 0.05], [4.0, -1.0, 2.0]])
+    q = MinMaxWeight(8, per_channel=True)(w)
+    assert torch.allclose(q[0], torch.round(w[0] / (0.2 / 127)) * (0.2 / 127))
+    assert torch.allclose(q[1], torch.round(w[1] / (4.0 / 127)) * (4.0 / 127))
+    assert len(_levels(MinMaxWeight(3, per_channel=True)(w)[0])) == 3
+    assert _levels(MinMaxWeight(3, per_channel=False)(w)[0]) == [0.0]   # one tensor scale: channel 0 collapses
+
+
+def test_observer_affine_grid_and_percentile():
+    scale, zp = affine_qparams(-1.0, 3.0, 8)
+    assert scale == pytest.approx(4 / 255) and zp == round(1 / scale)
+    aq = ObserverAct(8)
+    aq.observing = True
+    aq(torch.linspace(-1, 3, 1000))
+    aq.observing = False
+    aq.finish_calibration()
+    assert aq.signed and aq.qparams()[1] == zp
+    y = aq(torch.tensor([-5.0, 0.0, 10.0]))
+    assert y[1] == 0 and y[0] == pytest.approx(-zp * scale) and y[2] == pytest.approx((255 - zp) * scale)
+    pq = ObserverAct(8, percentile=99.0)
+    pq.observing = True
+    pq(torch.cat([torch.rand(10000), torch.tensor([1000.0])]))
+    pq.observing = False
+    pq.finish_calibration()
+    assert pq.scale.item() < 2 / 255     # the outlier is clipped away
+
+
+def test_kmeans_linear_init_clusters_and_summed_centroid_gradients():
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(500) * 0.01 + c for c in (-1.0, 0.0, 0.5, 2.0)])
+    centroids, idx = kmeans_1d(values, 4)
+    assert torch.allclose(centroids, torch.tensor([-1.0, 0.0, 0.5, 2.0]), atol=0.01)
+    w = values.reshape(40, 50).clone()
+    w[0, :5] = 0.0                                  # "pruned" weights stay exactly zero
+    kq = KMeansWeight(2, shape=w.shape)
+    kq.calibrate_weight(w)
+    y = kq(w)
+    assert len(_levels(y)) <= 4 + 1 and torch.all(y[0, :5] == 0)
+    g = torch.randn_like(w)
+    (y * g).sum().backward()
+    expected = torch.zeros(4).index_add_(0, kq.index.long().flatten(), (g * (w != 0)).flatten())
+    assert torch.allclose(kq.centroids.grad, expected, atol=1e-5)
+
+
+def test_kmeans_and_lsq_bit_limits():
+    with pytest.raises(TandemError, match="1..8"):
+        KMeansWeight(9, shape=(2, 2))
+    with pytest.raises(TandemError, match="at least 2 bits"):
+        LSQWeight(1)
+
+
+# ---- quantize_ on any nn.Module ---------------------------------------------------------------
+class UserNet(nn.Module):
+    """Depthwise, grouped and residual layers in a model tandem did not build."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 32, 1, groups=4)
+        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(self.dw(x)))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(x + self.block(x))           # residual
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["dorefa", "dorefa_picpq", "pact", "lsq", "minmax", "percentile", "kmeans"])
+def test_quantize_user_model_with_depthwise_grouped_residual(method):
+    torch.manual_seed(0)
+    net = UserNet()
+    x = torch.randn(8, 3, 12, 12)
+    assert tandem.quantize_(net, method=method, w_bits=3, a_bits=4) is net
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert all(isinstance(m, (QuantConv2d, QuantLinear)) for m in layers.values())
+    assert net.dw.groups == 16 and net.grouped.groups == 4
+    assert (net.stem.w_bits, net.head.a_bits) == (8, 8) and (net.dw.w_bits, net.dw.a_bits) == (3, 4)
+    with pytest.raises(TandemError, match="calibrate"):
+        net(x)
+    calibrate(net, [x])
+    assert net.stem.input_quantizer.signed and not net.block[2].input_quantizer.signed
+    net.train()
+    net(x).square().mean().backward()
+    trainable = [p for n, p in net.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)
+    c = cost.profile(net, (3, 12, 12))
+    assert c.bops == sum(layer.macs * layer.w_bits * layer.a_bits for layer in c.layers)
+    assert {(layer.w_bits, layer.a_bits) for layer in c.layers} == {(8, 8), (3, 4)}
+    assert net.tandem_transforms[-1]["kind"] == "quantize"
+
+
+def test_policy_overrides_skip_first_last_and_errors():
+    net = UserNet()
+    plan = layer_plan(net, tandem.quant.make_spec(method="pact", w_bits=4, a_bits=4, first_last="fp",
+                                                  overrides={"block.*": {"w_bits": 2, "method": "lsq"}},
+                                                  skip=["grouped"]))
+    assert plan["stem"] is None and plan["head"] is None and plan["grouped"] is None
+    assert plan["block.0"] == ("lsq", 2, 4) and plan["dw"] == ("pact", 4, 4)
+    with pytest.raises(RecipeError, match=r"w_bits .*1\.\.32"):
+        quantize_(UserNet(), w_bits=0)
+    with pytest.raises(RecipeError, match=r"a_bits .*1\.\.32"):
+        quantize_(UserNet(), a_bits=33)
+    with pytest.raises(RecipeError, match="allowed: dorefa, dorefa_picpq, pact, lsq"):
+        quantize_(UserNet(), method="binaryconnect")
+    with pytest.raises(RecipeError, match="'layer9.*' matches no Conv2d/Linear layer; the layers are: stem"):
+        quantize_(UserNet(), overrides={"layer9.*": {"w_bits": 2}})
+    with pytest.raises(RecipeError, match="unknown key 'bits'"):
+        quantize_(UserNet(), bits=4)
+
+
+def test_quantized_model_file_rebuilds_without_data(tmp_path):
+    from tandem.engine import load_model, save_model
+    torch.manual_seed(0)
+    net = tandem.create_model("resnet20", num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    quantize_(net, method="lsq", w_bits=4, a_bits=4, per_channel=True)
+    calibrate(net, [x])
+    net.eval()
+    save_model(net, tmp_path / "q.safetensors")
+    back, _ = load_model(tmp_path / "q.safetensors")
+    back.eval()
+    assert torch.equal(net(x), back(x))
+    assert back.layer1[0].conv1.input_quantizer.calibrated
+
+
+def test_quantize_method_qat_and_ptq_end_to_end(tmp_path, capsys):
+    from tandem.cli import main
+    out = tmp_path / "qat"
+    assert main(["run", "recipes/digits-qat.yaml", "train.epochs=3", "quant.epochs=2", "train.progress=false",
+                 "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    base, q = rows["baseline"], rows["lsq-w4a4"]
+    assert q["top1"] > 80 and q["bops"] < base["bops"] / 10 and q["bytes"] < base["bytes"] / 4
+    assert (q["w_bits"], q["a_bits"]) == ("mixed", "mixed")                 # 8-bit first/last, 4 elsewhere
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert f"lsq-w4a4.safetensors: test top-1 {q['top1']:.2f}%" in capsys.readouterr().out
+    # post-training quantization from the saved baseline: no training stage
+    ptq = tmp_path / "ptq"
+    assert main(["run", "recipes/digits-qat.yaml", f"model.checkpoint={out / 'models' / 'baseline.safetensors'}",
+                 "quant.method=minmax", "quant.w_bits=8", "quant.a_bits=8", "quant.mode=ptq",
+                 "train.progress=false", "--out", str(ptq)]) == 0
+    rows = {r["name"]: r for r in json.loads((ptq / "results.json").read_text())["models"]}
+    assert rows["minmax-w8a8-ptq"]["w_bits"] == 8 and abs(rows["minmax-w8a8-ptq"]["top1"] - base["top1"]) < 2
+    assert not (ptq / "stages" / "qat").exists()
