@@ -16,13 +16,7 @@ from tandem.recipes import TrainSpec
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and it does not oversubscribe a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _train(net, data, epochs, lr=0.05, subset=None, optimizer="sgd"):
     train = data.train if subset is None else data.train.subset(torch.arange(subset))

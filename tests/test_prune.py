@@ -18,16 +18,9 @@ from tandem.prune import (ChannelGraph, ChannelPruner, KeepMasked, SlimmingPenal
 from tandem.prune.masks import apply_weight_masks
 from tandem.prune.select import MacsModel
 
-# small inputs keep the suite fast; the channel structure does not depend on the resolution
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    made these small convolutions up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
+# small inputs keep the suite fast; the channel structure does not depend on the resolution
 
 INPUTS = {"small_cnn": (1, 12, 12), "vgg11": (3, 32, 32), "vgg13": (3, 32, 32), "vgg16": (3, 32, 32),
           "vgg19": (3, 32, 32)}

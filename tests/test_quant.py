@@ -16,13 +16,7 @@ from tandem.quant.observers import affine_qparams
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and it does not oversubscribe a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _levels(t):
     return sorted(set(torch.round(t.detach() * 1e5).div(1e5).flatten().tolist()))

@@ -106,6 +106,12 @@ def _sign_decode(codes, e):
     return torch.where(codes > 0, 1.0, -1.0) * _channel_view(e, codes)
 
 
+def _encode_keeping_sign_scale(self, w):
+    """Codes from `affine`; 1-bit (sign * E|w|) grids also store their scale E|w|."""
+    codes, scale, shift = self.affine(w)
+    return codes, ({"scale": -shift.float()} if self.bits == 1 else {})
+
+
 class DoReFaWeight(WeightQuantizer):
     """DoReFa (Zhou et al. 2016): w_q = 2*quantize_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1, 2^k
     levels in [-1, 1]; k = 1: sign(w) * mean|w|. STE through the rounding only, so the gradient
@@ -138,9 +144,7 @@ class DoReFaWeight(WeightQuantizer):
         codes = torch.round((self._normalised(w) / 2 + 0.5) * n).long()
         return codes, torch.tensor(2.0 / n), torch.tensor(-1.0)
 
-    def encode(self, w):
-        codes, scale, shift = self.affine(w)
-        return codes, ({"scale": -shift.float()} if self.bits == 1 else {})
+    encode = _encode_keeping_sign_scale
 
     def decode(self, codes, scale=None):
         if self.bits == 1:
@@ -184,9 +188,7 @@ class PICPQWeight(WeightQuantizer):
         codes = torch.round(t / _channel_view(m, w) * n).long() + n
         return codes, torch.tensor(1.0 / n), torch.tensor(-1.0)
 
-    def encode(self, w):
-        codes, scale, shift = self.affine(w)
-        return codes, ({"scale": -shift.float()} if self.bits == 1 else {})
+    encode = _encode_keeping_sign_scale
 
     def decode(self, codes, scale=None):
         if self.bits == 1:
