@@ -12,6 +12,19 @@ import torch.nn.functional as F
 
 
 class _QuantMixin:
+    @classmethod
+    def from_float(cls, layer: nn.Module, weight_quantizer, input_quantizer):
+        """The quantized twin of `layer`, sharing its Parameter objects (no copy)."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.__dict__.update({k: v for k, v in layer.__dict__.items()
+                           if k not in ("_parameters", "_buffers", "_modules")})
+        q._parameters = dict(layer._parameters)
+        q._buffers = dict(layer._buffers)
+        q._modules = dict(layer._modules)
+        q._init_quant(weight_quantizer, input_quantizer)
+        return q
+
     def _init_quant(self, weight_quantizer, input_quantizer):
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
@@ -37,18 +50,6 @@ class _QuantMixin:
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     """nn.Conv2d (any groups, depthwise included) with a quantized weight and input."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer, input_quantizer) -> "QuantConv2d":
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.__dict__.update({k: v for k, v in conv.__dict__.items()
-                           if k not in ("_parameters", "_buffers", "_modules")})
-        q._parameters = dict(conv._parameters)       # shares the Parameter objects
-        q._buffers = dict(conv._buffers)
-        q._modules = dict(conv._modules)
-        q._init_quant(weight_quantizer, input_quantizer)
-        return q
-
     def forward(self, x):
         return self._conv_forward(self._quant_input(x), self._weight(), self.bias)
 
@@ -56,17 +57,6 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 class QuantLinear(_QuantMixin, nn.Linear):
     """nn.Linear with a quantized weight and input."""
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, weight_quantizer, input_quantizer) -> "QuantLinear":
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.__dict__.update({k: v for k, v in linear.__dict__.items()
-                           if k not in ("_parameters", "_buffers", "_modules")})
-        q._parameters = dict(linear._parameters)
-        q._buffers = dict(linear._buffers)
-        q._modules = dict(linear._modules)
-        q._init_quant(weight_quantizer, input_quantizer)
-        return q
 
     def forward(self, x):
         return F.linear(self._quant_input(x), self._weight(), self.bias)

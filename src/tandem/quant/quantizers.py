@@ -128,8 +128,7 @@ class DoReFaWeight(WeightQuantizer):
         if self.bits >= 32:
             return w
         if self.bits == 1:
-            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
-            return _sign_ste(w) * _channel_view(e, w).detach()
+            return _binary_ste(w, self.per_channel)
         n = 2 ** self.bits - 1
         z = self._normalised(w) / 2 + 0.5
         return 2 * round_ste(z * n) / n - 1
@@ -137,7 +136,7 @@ class DoReFaWeight(WeightQuantizer):
     @torch.no_grad()
     def affine(self, w):
         if self.bits == 1:
-            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            e = _mean_abs(w, self.per_channel)
             codes = (w >= 0).long()          # sign(0) is taken as +1
             return codes, 2 * e, -e
         n = 2 ** self.bits - 1
@@ -153,6 +152,15 @@ class DoReFaWeight(WeightQuantizer):
         return 2 * codes.float() / n - 1
 
 
+def _mean_abs(w, per_channel: bool):
+    return w.abs().flatten(1).mean(1) if per_channel else w.abs().mean()
+
+
+def _binary_ste(w, per_channel: bool):
+    """1-bit weights: sign(w) * E|w| (per tensor or per output channel), STE through the sign."""
+    return _sign_ste(w) * _channel_view(_mean_abs(w, per_channel), w).detach()
+
+
 def _sign_ste(w):
     """sign(w) with sign(0) = +1 forward; identity gradient (clipped to |w| <= 1) backward."""
     s = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
@@ -160,39 +168,30 @@ def _sign_ste(w):
     return s.detach() + (c - c.detach())
 
 
-class PICPQWeight(WeightQuantizer):
+class PICPQWeight(DoReFaWeight):
     """PIC-PQ's DoReFa variant (§4.6): w~ = tanh(w)/max|tanh w|, w_q = round(w~ n)/n with
-    n = 2^(k-1) - 1: a symmetric grid of 2^k - 1 levels (0 included); k = 1: sign(w)*mean|w|."""
+    n = 2^(k-1) - 1: a symmetric grid of 2^k - 1 levels (0 included); k = 1: sign(w)*mean|w|
+    (DoReFa's binary form, inherited)."""
 
     kind = "dorefa_picpq"
 
     def forward(self, w):
-        if self.bits >= 32:
-            return w
-        if self.bits == 1:
-            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
-            return _sign_ste(w) * _channel_view(e, w).detach()
+        if self.bits >= 32 or self.bits == 1:
+            return super().forward(w)
         n = 2 ** (self.bits - 1) - 1
-        t = torch.tanh(w)
-        m = _per_channel_reduce(t.abs(), torch.max, self.per_channel).clamp_min(1e-12)
-        return round_ste(t / _channel_view(m, w) * n) / n
+        return round_ste(self._normalised(w) * n) / n
 
     @torch.no_grad()
     def affine(self, w):
         if self.bits == 1:
-            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
-            return (w >= 0).long(), 2 * e, -e
+            return super().affine(w)
         n = 2 ** (self.bits - 1) - 1
-        t = torch.tanh(w)
-        m = _per_channel_reduce(t.abs(), torch.max, self.per_channel).clamp_min(1e-12)
-        codes = torch.round(t / _channel_view(m, w) * n).long() + n
+        codes = torch.round(self._normalised(w) * n).long() + n
         return codes, torch.tensor(1.0 / n), torch.tensor(-1.0)
-
-    encode = _encode_keeping_sign_scale
 
     def decode(self, codes, scale=None):
         if self.bits == 1:
-            return _sign_decode(codes, scale)
+            return super().decode(codes, scale)
         n = 2 ** (self.bits - 1) - 1
         return (codes - n).float() / n
 
@@ -251,8 +250,7 @@ class MinMaxWeight(WeightQuantizer):
         if self.bits >= 32:
             return w
         if self.bits == 1:
-            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
-            return _sign_ste(w) * _channel_view(e, w).detach()
+            return _binary_ste(w, self.per_channel)
         s, q = self._scale(w)
         s = _channel_view(s, w)
         return round_ste((w / s).clamp(-q, q)) * s
@@ -260,7 +258,7 @@ class MinMaxWeight(WeightQuantizer):
     @torch.no_grad()
     def affine(self, w):
         if self.bits == 1:
-            e = w.abs().flatten(1).mean(1) if self.per_channel else w.abs().mean()
+            e = _mean_abs(w, self.per_channel)
             return (w >= 0).long(), 2 * e, -e
         s, q = self._scale(w)
         codes = torch.round((w / _channel_view(s, w)).clamp(-q, q)).long() + q
