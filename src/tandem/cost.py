@@ -180,9 +180,9 @@ def bits_summary(report: CostReport) -> tuple:
     """(w_bits, a_bits) for a results row: the number when every layer agrees, else 'mixed'."""
     def one(values):
         values = set(values)
-        return _fmt(values.pop()) if len(values) == 1 else "mixed"
-    w = one(c.w_bits for c in report.layers)
-    a = one(c.a_bits for c in report.layers)
-    as_num = lambda v: int(v) if v != "mixed" and float(v).is_integer() else v
-    return as_num(w), as_num(a)
+        if len(values) != 1:
+            return "mixed"
+        v = values.pop()
+        return int(v) if float(v).is_integer() else v
+    return one(c.w_bits for c in report.layers), one(c.a_bits for c in report.layers)
 

@@ -130,13 +130,13 @@ class Trainer:
         for n, m in self.nets.items():
             load_state(m, state["nets"][n], f"checkpoint {self.ckpt_path}")
             self.optimizers[n].load_state_dict(state["optimizers"][n])
-        self._scheduler_state = state["schedulers"]
+            self.schedulers[n].load_state_dict(state["schedulers"][n])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
         torch.set_rng_state(state["rng"])
 
     def resume(self) -> bool:
-        """Continue from `ckpt_path` if it exists; True when a checkpoint was loaded."""
+        """Continue from `ckpt_path` if it exists (schedulers must be built); True when loaded."""
         if self.ckpt_path is None or not self.ckpt_path.exists():
             return False
         self.load_state_dict(load_checkpoint(self.ckpt_path))
@@ -226,9 +226,8 @@ class Trainer:
     def fit(self, train_loader, val_loader=None, resume: bool = False) -> dict:
         """Train for cfg.epochs; afterwards each net holds its best-by-validation weights."""
         self.schedulers = {n: build_scheduler(o, self.cfg, len(train_loader)) for n, o in self.optimizers.items()}
-        if resume and self.resume():
-            for n, s in self.schedulers.items():
-                s.load_state_dict(self._scheduler_state[n])
+        if resume:
+            self.resume()
         steps = len(train_loader)
         self._last_val = {}
         self._bar = tqdm(total=self.cfg.epochs * steps, initial=self.epoch * steps, desc=self.stage,
