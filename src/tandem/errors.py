@@ -15,3 +15,12 @@ class DataError(TandemError):
 
 class CheckpointError(TandemError):
     """A checkpoint that is missing, corrupt or of another architecture."""
+
+
+def one_of(value: str, allowed, what: str) -> str:
+    """`value` if it is among `allowed`, else a ValueError naming them (recipe validators use it,
+    and pydantic turns it into the one-line recipe error)."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"unknown {what}; allowed: {', '.join(allowed)}")
+    return value

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from .errors import RecipeError, one_of
 from .prune.spec import PruneSpec
 from .quant.policy import QuantSpec
 
@@ -31,9 +31,7 @@ class ModelSpec(Section):
     @classmethod
     def _known_model(cls, v: str) -> str:
         from .models import list_models
-        if v not in list_models():
-            raise ValueError(f"unknown model; allowed: {', '.join(list_models())}")
-        return v
+        return one_of(v, list_models(), "model")
 
 
 class DatasetSpec(Section):
@@ -47,9 +45,7 @@ class DatasetSpec(Section):
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         from .data import list_datasets
-        if v not in list_datasets():
-            raise ValueError(f"unknown dataset; allowed: {', '.join(list_datasets())}")
-        return v
+        return one_of(v, list_datasets(), "dataset")
 
 
 class TrainSpec(Section):
@@ -104,9 +100,7 @@ class Recipe(Section):
     @classmethod
     def _known_method(cls, v: str) -> str:
         from .methods import list_methods
-        if v not in list_methods():
-            raise ValueError(f"unknown method; allowed: {', '.join(list_methods())}")
-        return v
+        return one_of(v, list_methods(), "method")
 
     @field_validator("device")
     @classmethod

@@ -5,6 +5,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import one_of
+
 
 class PruneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -28,9 +30,7 @@ class PruneSpec(BaseModel):
     @classmethod
     def _known(cls, v: str) -> str:
         from .criteria import list_criteria
-        if v not in list_criteria():
-            raise ValueError(f"unknown pruning criterion; allowed: {', '.join(list_criteria())}")
-        return v
+        return one_of(v, list_criteria(), "pruning criterion")
 
     @field_validator("ratio")
     @classmethod

@@ -9,11 +9,11 @@ Patterns are shell-style globs (fnmatch) on module names as `model.named_modules
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import RecipeError
+from ..errors import RecipeError, one_of
 from .kmeans import KMeansWeight
 from .quantizers import (DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct, PACTAct,
                          PICPQWeight)
@@ -42,38 +42,31 @@ def _check_bits(v: int, what: str) -> int:
 
 
 def _check_method(v: str) -> str:
-    if v not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer; allowed: {', '.join(QUANTIZERS)}")
-    return v
+    return one_of(v, QUANTIZERS, "quantizer")
+
+
+# field types that validate themselves, shared by QuantSpec and its per-layer overrides
+Bits = Annotated[int, AfterValidator(lambda v, info: _check_bits(v, info.field_name))]
+Method = Annotated[str, AfterValidator(_check_method)]
 
 
 class LayerOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Optional[str] = None
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v):
-        return None if v is None else _check_method(v)
-
-    @field_validator("w_bits", "a_bits")
-    @classmethod
-    def _bits(cls, v, info):
-        return None if v is None else _check_bits(v, info.field_name)
+    method: Optional[Method] = None
+    w_bits: Optional[Bits] = None
+    a_bits: Optional[Bits] = None
 
 
 class QuantSpec(BaseModel):
     """Quantization policy (defaults: LSQ W4A4, first and last layers at 8 bits)."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    method: str = "lsq"
-    w_bits: int = 4
-    a_bits: int = 4
+    method: Method = "lsq"
+    w_bits: Bits = 4
+    a_bits: Bits = 4
     per_channel: bool = False                  # weights: one scale per output channel
     first_last: Union[int, Literal["fp", "same"]] = 8   # bits of the first and last layer, fp or same
-    first_last_method: Optional[str] = "minmax"   # quantizer of the first/last layer (None: method's)
+    first_last_method: Optional[Method] = "minmax"   # quantizer of the first/last layer (None: method's)
     overrides: dict[str, LayerOverride] = Field(default_factory=dict)  # glob -> bits/method
     skip: list[str] = Field(default_factory=list)    # globs of layers left in full precision
     signed_inputs: Literal["auto", "unsigned", "signed"] = "auto"
@@ -85,21 +78,6 @@ class QuantSpec(BaseModel):
     calib_batches: int = Field(4, ge=1)
     epochs: Optional[int] = Field(None, ge=0)   # QAT epochs (None: train.epochs)
     lr: Optional[float] = Field(None, gt=0)      # QAT learning rate (None: train.lr)
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v):
-        return _check_method(v)
-
-    @field_validator("first_last_method")
-    @classmethod
-    def _fl_method(cls, v):
-        return None if v is None else _check_method(v)
-
-    @field_validator("w_bits", "a_bits")
-    @classmethod
-    def _bits(cls, v, info):
-        return _check_bits(v, info.field_name)
 
     @field_validator("first_last", mode="before")
     @classmethod
