@@ -22,8 +22,8 @@ def _keep(n: int, drop: set[int], device) -> torch.Tensor:
     return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long, device=device)
 
 
-def _param(t: torch.Tensor, idx: torch.Tensor, dim: int, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(t.index_select(dim, idx).clone(), requires_grad=like.requires_grad)
+def _param(p: nn.Parameter, idx: torch.Tensor, dim: int) -> nn.Parameter:
+    return nn.Parameter(p.index_select(dim, idx).clone(), requires_grad=p.requires_grad)
 
 
 @torch.no_grad()
@@ -49,36 +49,26 @@ def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
         if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
             keep = _keep(mod.num_features, out_drop[name], mod.running_mean.device)
             if mod.affine:
-                mod.weight = _param(mod.weight, keep, 0, mod.weight)
-                mod.bias = _param(mod.bias, keep, 0, mod.bias)
+                mod.weight = _param(mod.weight, keep, 0)
+                mod.bias = _param(mod.bias, keep, 0)
             mod.running_mean = mod.running_mean.index_select(0, keep).clone()
             mod.running_var = mod.running_var.index_select(0, keep).clone()
             mod.num_features = len(keep)
-        elif isinstance(mod, nn.Conv2d):
-            depthwise = mod.groups > 1
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+            conv = isinstance(mod, nn.Conv2d)
+            out_attr, in_attr = ("out_channels", "in_channels") if conv else ("out_features", "in_features")
             if name in out_drop:
-                keep = _keep(mod.out_channels, out_drop[name], dev)
-                mod.weight = _param(mod.weight, keep, 0, mod.weight)
+                keep = _keep(getattr(mod, out_attr), out_drop[name], dev)
+                mod.weight = _param(mod.weight, keep, 0)
                 if mod.bias is not None:
-                    mod.bias = _param(mod.bias, keep, 0, mod.bias)
-                mod.out_channels = len(keep)
-                if depthwise:
+                    mod.bias = _param(mod.bias, keep, 0)
+                setattr(mod, out_attr, len(keep))
+                if conv and mod.groups > 1:      # depthwise: its inputs are its outputs
                     mod.in_channels = mod.groups = len(keep)
             if name in in_drop:
-                keep = _keep(mod.in_channels, in_drop[name], dev)
-                mod.weight = _param(mod.weight, keep, 1, mod.weight)
-                mod.in_channels = len(keep)
-        elif isinstance(mod, nn.Linear):
-            if name in out_drop:
-                keep = _keep(mod.out_features, out_drop[name], dev)
-                mod.weight = _param(mod.weight, keep, 0, mod.weight)
-                if mod.bias is not None:
-                    mod.bias = _param(mod.bias, keep, 0, mod.bias)
-                mod.out_features = len(keep)
-            if name in in_drop:
-                keep = _keep(mod.in_features, in_drop[name], dev)
-                mod.weight = _param(mod.weight, keep, 1, mod.weight)
-                mod.in_features = len(keep)
+                keep = _keep(getattr(mod, in_attr), in_drop[name], dev)
+                mod.weight = _param(mod.weight, keep, 1)
+                setattr(mod, in_attr, len(keep))
 
 
 def _first_layer(mod: nn.Module) -> nn.Module:
