@@ -46,6 +46,7 @@ class RunContext:
             distributed.barrier()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.dist.is_main else None)
         self.results: list[dict] = []
+        self._pretrained: torch.nn.Module | None = None
 
     # ---- data ----------------------------------------------------------------------------
     @property
@@ -77,18 +78,20 @@ class RunContext:
         return create_model(**kwargs)
 
     def pretrained(self) -> torch.nn.Module:
-        """The full-precision starting point of a compression method: `model.checkpoint` when the
-        recipe names one, else a baseline trained (and recorded) by this run first."""
-        ckpt = self.recipe.model.checkpoint
-        if ckpt:
-            from .engine import load_model
-            net, _ = load_model(ckpt)
-            return net.to(self.device)
-        net = self.create_model()
-        best = self.train_stage("baseline", {"baseline": net})
-        if not any(r["name"] == "baseline" for r in self.results):
-            self.record("baseline", net, best["baseline"]["val_top1"])
-        return net
+        """The full-precision starting point of every method: `model.checkpoint` when the recipe
+        names one, else a baseline trained by this run. Recorded once as the 'baseline' row;
+        methods copy it before changing it."""
+        if self._pretrained is None:
+            ckpt, val_top1 = self.recipe.model.checkpoint, None
+            if ckpt:
+                from .engine import load_model
+                net = load_model(ckpt)[0].to(self.device)
+            else:
+                net = self.create_model()
+                val_top1 = self.train_stage("baseline", {"baseline": net})["baseline"]["val_top1"]
+            self.record("baseline", net, val_top1)
+            self._pretrained = net
+        return self._pretrained
 
     def train_stage(self, stage: str, nets: dict, objective=cross_entropy_objective, cfg=None,
                     frozen: dict | None = None, callbacks=()) -> dict:

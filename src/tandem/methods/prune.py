@@ -33,8 +33,6 @@ def _batches(ctx, n):
 def prune_method(ctx) -> None:
     spec = ctx.recipe.prune or PruneSpec()
     base = ctx.pretrained()
-    if not any(r["name"] == "baseline" for r in ctx.results):
-        ctx.record("baseline", base)
     net = copy.deepcopy(base)
     train = ctx.recipe.train
     finetune = train.model_copy(update={k: v for k, v in (("epochs", spec.finetune_epochs),

@@ -23,8 +23,6 @@ def quant_name(spec: QuantSpec) -> str:
 def quantize(ctx) -> None:
     spec = ctx.recipe.quant or QuantSpec()   # no quant: section: the defaults (LSQ W4A4)
     fp = ctx.pretrained()
-    if not any(r["name"] == "baseline" for r in ctx.results):
-        ctx.record("baseline", fp)
     net = quantize_(copy.deepcopy(fp), spec)
     calibrate(net, ctx.eval_loader("train"), num_batches=spec.calib_batches)
     name = quant_name(spec)
