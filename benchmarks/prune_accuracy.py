@@ -107,7 +107,7 @@ def main():
                      f"bn_scale: global on raw |gamma|, no sparsity training; magnitude: unstructured per-layer, "
                      f"MACs ratio = nonzero MACs) and fine-tunes {args.ft_epochs} epochs at lr 0.01 cosine; the "
                      f"engine keeps the best-by-validation epoch (test never used for selection). Spread = "
-                     f"max - min over seeds. CPU, {args.threads} thread(s), fp32; the machine was shared with other agents' jobs."),
+                     f"max - min over seeds. CPU, {args.threads} thread(s), fp32."),
         "seeds": args.seeds, "wall_time_s": round(time.perf_counter() - start, 1),
         "summary": summary, "runs": rows})
 

@@ -142,8 +142,7 @@ def main():
                      f"U(0.2,1)); hrank on 4 random batches of 32; macs_target={args.target}; "
                      f"{args.reps} interleaved repetitions (batch 1: mean of 20 calls each); median and fastest "
                      f"repetition reported (ratios of medians, and of minima). oneDNN primitive cache capacity "
-                     f"{os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']} so that interleaving does not evict kernels. "
-                     f"The machine was shared with other agents' jobs while this ran."),
+                     f"{os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']} so that interleaving does not evict kernels."),
         "target": "speed-up at batch 64 >= 0.75 x the MACs speed-up",
         "rows": rows})
     print(f"wrote {path}")

@@ -117,7 +117,7 @@ def main() -> None:
                 f"cosine, {a.qat_epochs} epochs (dorefa, pact, lsq, kmeans) or nothing more (minmax, percentile: "
                 f"PTQ). Test top-1 on {'all 10,000' if a.test_subset is None else f'the first {a.test_subset}'} "
                 f"test images, once per model. Per-tensor weight scales. "
-                f"torch threads {a.threads}; machine shared with other agents (times are indicative only).")
+                f"torch threads {a.threads}.")
     path = write_result("quant_accuracy-fashion-mnist", {
         "protocol": protocol, "summary": summary, "runs": rows,
         "wall_time_s": round(time.perf_counter() - start, 1)})

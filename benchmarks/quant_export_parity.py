@@ -84,7 +84,7 @@ def main() -> None:
                     f"minmax, dorefa_picpq) from it: calibrate on 2x512 images, QAT {a.qat_epochs} epoch Adam 1e-3 "
                     f"(minmax: PTQ only); ONNX int8 QDQ with BN folded, onnxruntime CPU vs the fake-quant PyTorch "
                     f"model on the whole test set (digits 359 images, MNIST 10,000). bits_bytes = cost.profile "
-                    f"bytes (weights at their bits + float params). Machine shared with other agents.",
+                    f"bytes (weights at their bits + float params).",
         "results": rows})
 
 

@@ -87,8 +87,8 @@ def main() -> None:
                     f"{ort.__version__} CPUExecutionProvider, intra-op threads {a.threads}, default graph "
                     f"optimisation; {a.rounds} interleaved rounds, each timing every model for max(1, 64/batch) "
                     f"runs; ratio = median over rounds of int8/FP of the same round. int8 models: min-max W8A8 "
-                    f"(every layer) and LSQ W4A4 (first/last 8-bit), per-channel weights, int8 QDQ. The machine "
-                    f"was shared with other agents' jobs, so absolute times are noisy; the ratios are the result.",
+                    f"(every layer) and LSQ W4A4 (first/last 8-bit), per-channel weights, int8 QDQ. Absolute times "
+                    f"vary with the machine's load; the ratios are the result.",
         "models": info, "results": results})
     print(f"written to {path}")
 

@@ -72,8 +72,7 @@ def main() -> None:
         "protocol": f"ResNet-20, batch {a.batch_size}, 3x32x32 random input, W4A4 (first/last layer 8-bit min-max), "
                     f"per-tensor weights; one step = forward + CE + backward + SGD(momentum, wd); {a.rounds} "
                     f"interleaved rounds of {a.steps} steps; ratio = median over rounds of QAT/FP of the same round. "
-                    f"torch threads {a.threads}. The machine was shared with other agents' jobs (load average "
-                    f"above the 2 cores), so absolute times are inflated and noisy; the ratios are the result.",
+                    f"torch threads {a.threads}. Absolute times vary with the machine's load; the ratios are the result.",
         "target": "QAT step <= 1.5x FP step", "results": result})
     for c, r in result.items():
         print(c, r)

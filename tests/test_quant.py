@@ -85,6 +85,32 @@ def test_pact_forward_and_gradients():
     assert aq.alpha.grad.item() == pytest.approx(5.0 + 6.0)                   # 1 where x >= alpha
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_matches_its_formula_on_random_inputs(signed):
+    torch.manual_seed(0)
+    aq = PACTAct(3, alpha=2.0)
+    aq.set_flags(calibrated=True, signed=signed)
+    x = torch.cat([torch.randn(500) * 2, torch.tensor([2.0, -2.0, 0.0])]).requires_grad_(True)  # bounds hit exactly
+    g = torch.randn_like(x)
+    aq(x).backward(g)
+    a, n, lo = 2.0, (3 if signed else 7), (-2.0 if signed else 0.0)
+    xd = x.detach()
+    assert torch.allclose(aq(xd), torch.round(xd.clamp(lo, a) * n / a) * a / n)
+    assert torch.equal(x.grad, torch.where((xd > lo) & (xd < a), g, 0))
+    expected = g[xd >= a].sum() - (g[xd <= -a].sum() if signed else 0)
+    assert aq.alpha.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_clip_gradient_mask_same_with_float_and_tensor_bounds():
+    """The CPU path (float thresholds, fused kernel) and the GPU path (tensor thresholds) agree."""
+    from tandem.quant.quantizers import _grad_where_above
+    c = torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0])
+    g = torch.arange(1.0, 6.0)
+    for t in (0.0, 1.0, -1.0):
+        assert torch.equal(_grad_where_above(g, c, t), _grad_where_above(g, c, torch.tensor(t)))
+    assert torch.equal(_grad_where_above(g, c, 0.0), torch.tensor([0.0, 0, 3, 4, 5]))
+
+
 def _lsq_step_grad(v, s, qn, qp):
     """LSQ's analytic d v_hat / d s per element (Esser et al. eq. 3)."""
     r = v / s

@@ -7,7 +7,7 @@ and bit-packing use only that. Activation quantizers give `qparams()` for the sa
 
 Data-dependent initialisation (LSQ steps, observer ranges, k-means) is not done here at
 construction but by `tandem.quant.calibrate`, so a model rebuilt from a file needs no data.
-No forward pass loops over channels or calls `.item()`.
+No forward pass loops over channels or reads a GPU tensor on the host.
 """
 from __future__ import annotations
 
@@ -328,6 +328,50 @@ class ActQuantizer(Quantizer):
         raise NotImplementedError
 
 
+def _grad_where_above(g: torch.Tensor, c: torch.Tensor, t) -> torch.Tensor:
+    """g where c > t, else 0. A float threshold uses ReLU's fused backward kernel, about 5x
+    faster on CPU than building a bool mask; a tensor threshold stays on its device."""
+    if torch.is_tensor(t):
+        return torch.where(c > t, g, 0)
+    return torch.ops.aten.threshold_backward(g, c, t)
+
+
+class _ClipRound(torch.autograd.Function):
+    """c = clamp(x, lo, alpha), y = round(c / s) s with s = alpha / n (lo = 0, or -alpha when
+    signed): PACT's quantizer, and DoReFa's with alpha = 1. Backward: dy/dx = 1 on (lo, alpha);
+    dy/dalpha = 1 where x >= alpha (and -1 where x <= -alpha, signed).
+
+    Only c is saved, and it is exact about the regions: x >= alpha iff c == alpha (iff c is
+    above the float just below alpha), x <= lo iff c == lo. On CPU the bounds are read as
+    Python floats (no device to stall); on GPU they stay tensors."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, n, signed):
+        a = alpha.detach().abs().clamp_min(1e-8)
+        a_below = torch.nextafter(a, a.new_tensor(-math.inf))
+        lo = -a if signed else torch.zeros_like(a)
+        if not x.is_cuda:
+            a, a_below, lo = float(a), float(a_below), float(lo)
+        c = torch.clamp(x, lo, a)
+        ctx.save_for_backward(c)
+        ctx.bounds, ctx.signed, ctx.shape = (a_below, lo), signed, alpha.shape
+        s = a / n
+        return torch.div(c, s).round_().mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        (c,), (a_below, lo) = ctx.saved_tensors, ctx.bounds
+        above = _grad_where_above(g, c, a_below)     # g where x >= alpha
+        passed = _grad_where_above(g, c, lo)         # g where x > lo
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            grad_a = above.sum()
+            if ctx.signed:
+                grad_a = grad_a - (g - passed).sum()     # g where x <= -alpha
+            grad_a = grad_a.reshape(ctx.shape)
+        return passed - above, grad_a, None, None
+
+
 class DoReFaAct(ActQuantizer):
     """DoReFa activations: clamp(x, 0, 1) then quantize_k (levels i/(2^k-1)). Signed inputs:
     clamp(x, -1, 1) on the symmetric grid i/(2^(k-1)-1) [INFER: DoReFa has no signed form]."""
@@ -341,37 +385,13 @@ class DoReFaAct(ActQuantizer):
         n = self._n()
         if n == 0:   # 1-bit signed: sign
             return _sign_ste(x)
-        # == round(clamp(x, lo, 1) * n) / n, in one fused pass each way (STE mask: the grid's range)
-        return torch.fake_quantize_per_tensor_affine(x, 1.0 / n, 0, -n if self.signed else 0, n)
+        return _ClipRound.apply(x, x.new_ones(()), n, self.signed)    # round(clamp(x, lo, 1) n) / n
 
     def qparams(self):
         n = self._n()
         if n == 0:                 # 1-bit signed: sign(x), not an integer grid with a zero
             return None
         return (1.0 / n, 0, -n if self.signed else 0, n)
-
-
-class _PACTFunction(torch.autograd.Function):
-    """PACT in one fused fake-quantize pass forward; backward: dy/dx = 1 on (lo, alpha),
-    dy/dalpha = 1 where x >= alpha (and -1 where x <= -alpha for the signed form). Saves two
-    bit masks instead of x."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, n, signed, zp0):
-        a = alpha.detach().abs().clamp_min(1e-8)
-        above = x >= a
-        below = x <= (-a if signed else 0)
-        ctx.save_for_backward(above, below)
-        ctx.signed, ctx.shape = signed, alpha.shape
-        return torch.fake_quantize_per_tensor_affine(x, a / n, zp0, -n if signed else 0, n)
-
-    @staticmethod
-    def backward(ctx, g):
-        above, below = ctx.saved_tensors
-        grad_a = torch.dot(g.flatten(), above.flatten().to(g.dtype))
-        if ctx.signed:
-            grad_a = grad_a - torch.dot(g.flatten(), below.flatten().to(g.dtype))
-        return g.masked_fill(above | below, 0), grad_a.reshape(ctx.shape), None, None, None
 
 
 class PACTAct(ActQuantizer):
@@ -385,7 +405,6 @@ class PACTAct(ActQuantizer):
     def __init__(self, bits, signed="auto", alpha: float = 10.0):
         super().__init__(bits, signed)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
-        self.register_buffer("_zp0", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def _n(self):
         return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
@@ -397,7 +416,7 @@ class PACTAct(ActQuantizer):
                               "give that layer more bits, or use first_last / skip")
 
     def quantize(self, x):
-        return _PACTFunction.apply(x, self.alpha, self._n(), self.signed, self._zp0)
+        return _ClipRound.apply(x, self.alpha, self._n(), self.signed)
 
     def qparams(self):
         n, a = self._n(), max(float(self.alpha.detach().abs()), 1e-8)
