@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .distill.spec import DistillSpec, MutualSpec
 from .errors import RecipeError, one_of
 from .prune.spec import PruneSpec
 from .quant.policy import QuantSpec
@@ -85,6 +86,8 @@ class Recipe(Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     prune: Optional[PruneSpec] = None   # the `prune` method's section (tandem.prune.spec)
     quant: Optional[QuantSpec] = None   # the `quantize` method's section (tandem.quant.policy)
+    mutual: Optional[MutualSpec] = None   # the `mutual` method's section (tandem.distill.spec)
+    distill: Optional[DistillSpec] = None   # the KD stage of `pqkd` (tandem.distill.spec)
 
     @field_validator("model", mode="before")
     @classmethod
