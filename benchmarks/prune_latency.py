@@ -6,6 +6,9 @@ Latency depends only on the architecture, so the weights are untrained (He-init 
 scales drawn from U(0.2, 1) so bn_scale has something to rank) and HRank sees random inputs.
 All models are timed in one process, interleaved repetition by repetition; the median is
 reported. Every model is timed eager and with BN folded into its convs (as a deployed model runs).
+tandem prunes the residual streams too (the option-A shortcut's channel map follows the removed
+channels); one row keeps them whole (block-internal channels only, as the FPGM/HRank papers
+prune ResNet-56) to show what that costs in speed.
 Usage: python benchmarks/prune_latency.py [--reps 15] [--threads 1]
 """
 from __future__ import annotations
@@ -34,6 +37,8 @@ from tandem.models import create_model  # noqa: E402
 from tandem.prune import prune  # noqa: E402
 
 CRITERIA = ["l1", "l2", "fpgm", "bn_scale", "hrank", "random"]
+INTERNAL_IGNORE = ["stem.0", "*.conv2"]
+INTERNAL = "l1 (layer, block-internal only: ignore stem.0, *.conv2)"
 
 
 def torch_pruning_reference(model, x, target):
@@ -92,6 +97,9 @@ def main():
     models["l1 (layer: every criterion gives these widths)"] = prune(dense, x1, "l1", macs_target=args.target,
                                                                    scope="layer").eval()
     setup["l1 (layer: every criterion gives these widths)"] = time.perf_counter() - start
+    start = time.perf_counter()   # the FPGM/HRank papers' convention: residual streams kept whole
+    models[INTERNAL] = prune(dense, x1, "l1", macs_target=args.target, scope="layer", ignore=INTERNAL_IGNORE).eval()
+    setup[INTERNAL] = time.perf_counter() - start
     tp_model, tp_version = torch_pruning_reference(dense, x1, args.target)
     models[f"torch-pruning {tp_version} MagnitudePruner"] = tp_model.eval()
 

@@ -80,7 +80,7 @@ def test_config_rebuilds_same_architecture(name, kw, shape):
 
 def test_config_records_option_defaults_and_is_a_copy():
     model = create_model("resnet20")
-    assert model.config["kwargs"] == {"shortcut": "A", "post_add_relu": True}
+    assert model.config["kwargs"] == {"shortcut": "A", "post_add_relu": True, "channel_maps": None}
     config = model_config(model)
     config["widths"][0] = 999
     assert model_config(model)["widths"][0] == 16

@@ -107,6 +107,14 @@ def test_bn_scale_scores_gamma_and_random_is_seeded():
     assert torch.equal(a, get_criterion("random", seed=3).score(graph, group))
 
 
+def test_bn_scale_of_a_residual_stream_is_the_mean_over_its_bns():
+    model = _randomize_bn(create_model("resnet20"))
+    graph = ChannelGraph(model, torch.randn(1, 3, 32, 32))
+    group = next(g for g in graph.groups if g.name == "layer2.0.conv2")
+    gammas = torch.stack([model.get_submodule(f"layer2.{b}.bn2").weight.detach().abs() for b in range(3)])
+    torch.testing.assert_close(get_criterion("bn_scale").score(graph, group), gammas.mean(0))
+
+
 def test_criteria_listing_and_unknown_criterion():
     assert set(list_criteria()) == {"l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"}
     with pytest.raises(TandemError, match="allowed: .*fpgm.*hrank"):
@@ -134,17 +142,60 @@ def test_surgery_preserves_outputs_on_every_builtin_model(name):
     assert json.loads(json.dumps(small.config)) == small.config   # rebuilds from its config
 
 
-def test_option_a_resnet_prunes_only_block_internal_channels(tmp_path):
+def test_option_a_resnet_prunes_its_residual_streams_through_the_shortcut_map(tmp_path):
     model = _randomize_bn(create_model("resnet20"))
-    graph = ChannelGraph(model, torch.randn(1, 3, 32, 32))
-    assert sorted(g.name for g in graph.groups) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
-    import tandem.prune
-    small = tandem.prune(model, torch.randn(1, 3, 32, 32), "fpgm", ratio=0.5)   # the package is callable
-    assert small.config["widths"][:3] == [16, 8, 16]
+    x = torch.randn(2, 3, 32, 32)
+    graph = ChannelGraph(model, x[:1])
+    streams = ["stem.0", "layer2.0.conv2", "layer3.0.conv2"]      # one group per stage's residual stream
+    internal = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert sorted(g.name for g in graph.groups) == sorted(internal + streams)
+    stage2 = next(g for g in graph.groups if g.name == "layer2.0.conv2")
+    assert {m.module for m in stage2.of_kind("out")} == {f"layer2.{b}.conv2" for b in range(3)}
+    assert [(m.module, m.kind) for m in stage2.of_kind("map_out")] == [("layer2.0.shortcut", "map_out")]
+    # removing residual channels on both sides of a shortcut is exact (pruned == masked)
+    removed = {"stem.0": torch.tensor([0, 5, 9, 15]), "layer2.0.conv2": torch.tensor([0, 7, 8, 20, 31])}
+    pruner = ChannelPruner(model, x[:1], "l1", ratio=0.0)
+    small = pruner.apply(removed).eval()
+    masked = copy.deepcopy(model)
+    ChannelPruner(masked, x[:1], "l1", ratio=0.0).mask(removed)
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)
+    sc = small.layer2[0].shortcut
+    assert (sc.in_ch, sc.out_ch) == (12, 27)
+    # stage-1 channel i sat at position 8 + i; positions 8 and 20 are gone, as are sources 0, 5, 9, 15
+    kept_pos = [j for j in range(32) if j not in (0, 7, 8, 20, 31)]
+    kept_src = [i for i in range(16) if i not in (0, 5, 9, 15)]
+    want = [kept_src.index(j - 8) if 8 <= j < 24 and (j - 8) in kept_src else -1 for j in kept_pos]
+    assert sc.channel_map == want
+    # the map travels in the config: the saved model rebuilds without the original
     save_model(small, tmp_path / "p.safetensors")
     loaded, _ = load_model(tmp_path / "p.safetensors")
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(loaded.eval()(x), small.eval()(x))
+    assert torch.equal(loaded.eval()(x), small(x))
+    # gating a residual stream gates the shortcut's copy too
+    group = next(g for g in graph.groups if g.name == "layer3.0.conv2")
+    gate = torch.ones(64)
+    gate[[3, 40]] = 0
+    handles = attach_gate(graph, group, lambda: gate)
+    gated = model(x)
+    for h in handles:
+        h.remove()
+    masked = copy.deepcopy(model)
+    ChannelPruner(masked, x[:1], "l1", ratio=0.0).mask({"layer3.0.conv2": torch.tensor([3, 40])})
+    torch.testing.assert_close(gated, masked(x))
+
+
+def test_ignore_keeps_the_matching_groups_whole():
+    import tandem.prune
+    model = create_model("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    small = tandem.prune(model, x, "fpgm", ratio=0.5, ignore=["stem.0", "*.conv2"])   # the package is callable
+    w = small.config["widths"]
+    assert w[0] == 16 and w[2::2] == model.config["widths"][2::2]      # streams whole
+    assert w[1::2] == [8] * 3 + [16] * 3 + [32] * 3                    # block-internal halved
+    assert small.config["kwargs"]["channel_maps"]["layer2.0.shortcut"] == model.layer2[0].shortcut.channel_map
+    with pytest.raises(TandemError, match="ignore pattern 'nope' matches no layer"):
+        tandem.prune(model, x, ratio=0.5, ignore=["nope"])
+    with pytest.raises(TandemError, match="leaves no channel group"):
+        tandem.prune(model, x, ratio=0.5, ignore=["*conv*"])
 
 
 class _UserNet(nn.Module):

@@ -7,41 +7,79 @@ adapts when a pruned block's output width differs from its input width.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import TandemError
 from .registry import check_choice, conv_bn, init_weights, register_model
 
 
-class ShortcutA(nn.Module):
-    """Parameter-free option-A shortcut: subsample by the stride, then zero-pad the channels
-    (half before, half after) or crop them the same way when the output is narrower."""
+def default_channel_map(in_ch: int, out_ch: int) -> list[int]:
+    """Option A's placement: zero-pad half before and half after, or crop the same way."""
+    if out_ch >= in_ch:
+        before = (out_ch - in_ch) // 2
+        return [-1] * before + list(range(in_ch)) + [-1] * (out_ch - in_ch - before)
+    start = (in_ch - out_ch) // 2
+    return list(range(start, start + out_ch))
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+
+class ShortcutA(nn.Module):
+    """Parameter-free option-A shortcut: subsample by the stride, then output channel j is input
+    channel ``channel_map[j]``, or zero where it is -1. The default map zero-pads (half before,
+    half after) or crops. Pruning the residual streams on either side rewrites the map
+    (``set_channel_map``); the model's config records it, so a pruned model rebuilds exactly."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, channel_map: list[int] | None = None):
         super().__init__()
-        self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
+        self.stride = stride
+        self.register_buffer("_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.set_channel_map(in_ch, default_channel_map(in_ch, out_ch) if channel_map is None else channel_map)
+
+    def set_channel_map(self, in_ch: int, channel_map: list[int]) -> None:
+        channel_map = [int(i) for i in channel_map]
+        if any(not -1 <= i < in_ch for i in channel_map):
+            raise TandemError(f"ShortcutA channel_map entries must be -1 (zero) or an input channel in "
+                              f"0..{in_ch - 1}; got {channel_map}")
+        self.in_ch, self.out_ch, self.channel_map = in_ch, len(channel_map), channel_map
+        self._run = self._contiguous_run(channel_map)
+        index = [in_ch if i < 0 else i for i in channel_map]    # in_ch: the appended zero channel
+        self._index = torch.tensor(index, dtype=torch.long, device=self._index.device)
+
+    @staticmethod
+    def _contiguous_run(channel_map):
+        """(first source, count, zeros before, zeros after) when the map is zeros, a run of
+        consecutive input channels, zeros (pad, crop, identity): a slice and a pad, no gather."""
+        kept = [(j, i) for j, i in enumerate(channel_map) if i >= 0]
+        if not kept:
+            return 0, 0, len(channel_map), 0
+        (j0, i0), (j1, i1) = kept[0], kept[-1]
+        if len(kept) != j1 - j0 + 1 or any(i != i0 + k for k, (_, i) in enumerate(kept)):
+            return None
+        return i0, len(kept), j0, len(channel_map) - j1 - 1
 
     def forward(self, x):
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_ch - self.in_ch
-        if extra > 0:
-            return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
-        if extra < 0:
-            start = -extra // 2
-            return x[:, start : start + self.out_ch]
-        return x
+        if self._run is None:
+            return F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, self._index)
+        first, count, before, after = self._run
+        if count < self.in_ch:
+            x = x[:, first : first + count]
+        return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
 
     def extra_repr(self) -> str:
-        return f"{self.in_ch}, {self.out_ch}, stride={self.stride}"
+        custom = "" if self.channel_map == default_channel_map(self.in_ch, self.out_ch) else ", channel_map=custom"
+        return f"{self.in_ch}, {self.out_ch}, stride={self.stride}{custom}"
 
 
-def shortcut(in_ch: int, out_ch: int, stride: int, kind: str) -> nn.Module:
-    """Identity when the shape is kept; otherwise option A (pad/crop) or B (1x1 conv + BN)."""
-    if stride == 1 and in_ch == out_ch:
+def shortcut(in_ch: int, out_ch: int, stride: int, kind: str, channel_map: list[int] | None = None) -> nn.Module:
+    """Identity when the shape is kept; otherwise option A (pad/crop, or an explicit channel
+    map) or B (1x1 conv + BN)."""
+    if stride == 1 and in_ch == out_ch and channel_map is None:
         return nn.Identity()
     if kind == "A":
-        return ShortcutA(in_ch, out_ch, stride)
+        return ShortcutA(in_ch, out_ch, stride, channel_map)
     return conv_bn(in_ch, out_ch, kernel=1, stride=stride, act=None)
 
 
@@ -49,14 +87,14 @@ class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut, then ReLU (an Identity when ``post_add_relu``
     is False, PIC-PQ's variant). ReLUs are modules so activation quantizers can replace them."""
 
-    def __init__(self, in_ch, mid_ch, out_ch, stride=1, shortcut_kind="A", post_add_relu=True):
+    def __init__(self, in_ch, mid_ch, out_ch, stride=1, shortcut_kind="A", post_add_relu=True, channel_map=None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_ch)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut = shortcut(in_ch, out_ch, stride, shortcut_kind)
+        self.shortcut = shortcut(in_ch, out_ch, stride, shortcut_kind, channel_map)
         self.relu2 = nn.ReLU() if post_add_relu else nn.Identity()
 
     def forward(self, x):
@@ -65,19 +103,25 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """``stem`` then stages of BasicBlocks (``layer1``...), global average pool, ``fc``."""
+    """``stem`` then stages of BasicBlocks (``layer1``...), global average pool, ``fc``.
+    ``channel_maps``: {"layer2.0.shortcut": [...]} for option-A shortcuts whose residual streams
+    were pruned (see ShortcutA); a pruned model's config carries them."""
 
-    def __init__(self, stem, widths, blocks, strides, num_classes, shortcut_kind="A", post_add_relu=True):
+    def __init__(self, stem, widths, blocks, strides, num_classes, shortcut_kind="A", post_add_relu=True,
+                 channel_maps=None):
         super().__init__()
         self.stem = stem
+        maps = dict(channel_maps or {})
         in_ch, i = widths[0], 1
         for s, (n, stride) in enumerate(zip(blocks, strides), start=1):
             stage = []
             for b in range(n):
                 stage.append(BasicBlock(in_ch, widths[i], widths[i + 1], stride if b == 0 else 1,
-                                        shortcut_kind, post_add_relu))
+                                        shortcut_kind, post_add_relu, maps.pop(f"layer{s}.{b}.shortcut", None)))
                 in_ch, i = widths[i + 1], i + 2
             self.add_module(f"layer{s}", nn.Sequential(*stage))
+        if maps:
+            raise TandemError(f"channel_maps names {sorted(maps)[0]!r}, which is not a shortcut of this model")
         self.num_stages = len(blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
@@ -103,27 +147,27 @@ def _cifar_layout(n: int):
     return lambda **_: resnet_layout(16, [n] * 3, [16, 32, 64])
 
 
-def _resnet_cifar(n, num_classes, in_channels, widths, shortcut, post_add_relu):
+def _resnet_cifar(n, num_classes, in_channels, widths, shortcut, post_add_relu, channel_maps):
     check_choice(f"resnet{6 * n + 2}", "shortcut", shortcut, ("A", "B"))
     stem = conv_bn(in_channels, widths[0])
-    return ResNet(stem, widths, [n] * 3, [1, 2, 2], num_classes, shortcut, post_add_relu)
+    return ResNet(stem, widths, [n] * 3, [1, 2, 2], num_classes, shortcut, post_add_relu, channel_maps)
 
 
 @register_model("resnet20", layout=_cifar_layout(3))
-def resnet20(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True):
-    return _resnet_cifar(3, num_classes, in_channels, widths, shortcut, post_add_relu)
+def resnet20(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True, channel_maps=None):
+    return _resnet_cifar(3, num_classes, in_channels, widths, shortcut, post_add_relu, channel_maps)
 
 
 @register_model("resnet32", layout=_cifar_layout(5))
-def resnet32(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True):
-    return _resnet_cifar(5, num_classes, in_channels, widths, shortcut, post_add_relu)
+def resnet32(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True, channel_maps=None):
+    return _resnet_cifar(5, num_classes, in_channels, widths, shortcut, post_add_relu, channel_maps)
 
 
 @register_model("resnet56", layout=_cifar_layout(9))
-def resnet56(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True):
-    return _resnet_cifar(9, num_classes, in_channels, widths, shortcut, post_add_relu)
+def resnet56(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True, channel_maps=None):
+    return _resnet_cifar(9, num_classes, in_channels, widths, shortcut, post_add_relu, channel_maps)
 
 
 @register_model("resnet110", layout=_cifar_layout(18))
-def resnet110(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True):
-    return _resnet_cifar(18, num_classes, in_channels, widths, shortcut, post_add_relu)
+def resnet110(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True, channel_maps=None):
+    return _resnet_cifar(18, num_classes, in_channels, widths, shortcut, post_add_relu, channel_maps)

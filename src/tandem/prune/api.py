@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from fnmatch import fnmatchcase
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ class ChannelPruner:
     def __init__(self, model: nn.Module, example_input: torch.Tensor, criterion: str | Criterion = "l1", *,
                  ratio: Optional[float] = None, macs_target: Optional[float] = None, scope: Optional[str] = None,
                  max_ratio: float = 0.9, normalize: str = "auto", data: Optional[Iterable] = None,
-                 criterion_options: Optional[dict] = None):
+                 criterion_options: Optional[dict] = None, ignore: Sequence[str] = ()):
         self.criterion = criterion if isinstance(criterion, Criterion) else \
             get_criterion(criterion, **(criterion_options or {}))
         scope = scope or ("global" if self.criterion.name == "bn_scale" else "layer")
@@ -37,12 +38,17 @@ class ChannelPruner:
         self.graph = ChannelGraph(model, example_input)
         if not self.graph.groups:
             raise TandemError(f"{type(model).__name__} has no prunable channel groups")
+        self.ignored = _ignored_groups(self.graph, ignore)
+        if len(self.ignored) == len(self.graph.groups):
+            raise TandemError(f"ignore={list(ignore)} leaves no channel group of {type(model).__name__} to prune")
         self.data = data if data is not None else [example_input]
 
     def scores(self) -> dict:
+        """{group: channel scores}; None for an ignored group (it is left whole)."""
         if self.criterion.needs_data:
             self.criterion.prepare(self.graph, self.data)
-        return {g.name: self.criterion.score(self.graph, g) for g in self.graph.groups}
+        return {g.name: None if g.name in self.ignored else self.criterion.score(self.graph, g)
+                for g in self.graph.groups}
 
     def plan(self) -> Removed:
         return select(self.graph, self.scores(), **self.options)
@@ -54,17 +60,30 @@ class ChannelPruner:
         return apply_removal(self.graph, removed, inplace=inplace)
 
 
+def _ignored_groups(graph: ChannelGraph, patterns: Sequence[str]) -> set[str]:
+    """Groups with a producing layer whose name matches a glob: removing a channel there would
+    change that layer, so the whole group stays. A pattern matching no layer is an error."""
+    names = [n for n in graph._modules if n]
+    for p in patterns:
+        if not any(fnmatchcase(n, p) for n in names):
+            raise TandemError(f"ignore pattern {p!r} matches no layer; some names: {', '.join(names[:8])}")
+    return {g.name for g in graph.groups
+            if any(fnmatchcase(m.module, p) for m in g.of_kind("out") for p in patterns)}
+
+
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", *, ratio: Optional[float] = None,
           macs_target: Optional[float] = None, scope: Optional[str] = None, max_ratio: float = 0.9,
           normalize: str = "auto", data: Optional[Iterable] = None, inplace: bool = False,
-          **criterion_options) -> nn.Module:
+          ignore: Sequence[str] = (), **criterion_options) -> nn.Module:
     """Prune ``model`` and return the physically smaller model (the input is left unchanged
     unless ``inplace``).
 
     ``ratio``: fraction of channels removed (per layer, or across layers with
     ``scope='global'``); ``macs_target``: fraction of MACs that remain (0.5 = half). ``data``:
-    batches for data-driven criteria (hrank); default: the example input. A built-in model
-    comes back as ``create_model(name, widths=...)`` with the kept weights.
+    batches for data-driven criteria (hrank); default: the example input. ``ignore``: globs of
+    layer names whose output channels are left whole (e.g. ``["stem.0", "*.conv2"]`` keeps a
+    ResNet's residual streams, as the FPGM/HRank papers do). A built-in model comes back as
+    ``create_model(name, widths=...)`` with the kept weights.
 
     ``criterion='magnitude'`` is unstructured: the model keeps its shape, the smallest weights
     become zero (``ratio`` of them, or ``1 - macs_target``), and cost.profile's nonzero_macs
@@ -80,5 +99,6 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
         apply_weight_masks(out, magnitude_masks(out, sparsity, scope or "layer"))
         return out
     pruner = ChannelPruner(model, example_input, criterion, ratio=ratio, macs_target=macs_target, scope=scope,
-                           max_ratio=max_ratio, normalize=normalize, data=data, criterion_options=criterion_options)
+                           max_ratio=max_ratio, normalize=normalize, data=data, criterion_options=criterion_options,
+                           ignore=ignore)
     return pruner.apply(pruner.plan(), inplace=inplace)

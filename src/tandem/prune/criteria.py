@@ -85,7 +85,9 @@ class FPGM(Criterion):
 @register_criterion("bn_scale")
 class BNScale(Criterion):
     """Network slimming (Liu et al. 2017): |gamma| of the BN after each channel; trained with an
-    L1 penalty on gamma (schedules.SlimmingPenalty) and ranked globally on raw values."""
+    L1 penalty on gamma (schedules.SlimmingPenalty) and ranked globally on raw values. A channel
+    with several BNs (a residual stream) scores their mean |gamma|, so it ranks on the same scale
+    as a channel with one (a sum would make residual streams unprunable)."""
     normalize = "none"
 
     def score(self, graph, group):
@@ -93,7 +95,7 @@ class BNScale(Criterion):
         if not bns:
             return None
         return sum(graph.module(m.module).weight.detach()[m.offset:m.offset + group.size].abs().float()
-                   for m in bns)
+                   for m in bns) / len(bns)
 
 
 @register_criterion("hrank")

@@ -6,8 +6,12 @@ origins side by side; BN and depthwise convs follow their input's channels; a fl
 pooling spreads each channel over H*W features of the next linear. A *group* is a set of tied
 origins: its channels are scored, masked and removed together.
 
-Anything the tracer does not understand (channel padding or slicing as in the option-A
-shortcut, reshapes, a layer called twice, a bias added from outside, the network output)
+A module with a ``channel_map`` (the option-A shortcut: output channel j is input channel
+map[j], or zero) is traced as one step: it consumes its input's channels and starts a new run
+of output channels, so the residual streams on its two sides are separate groups; removing a
+channel on either side rewrites the map (surgery) instead of freezing the stream.
+
+Anything the tracer does not understand (channel padding or slicing, reshapes, a layer called twice, a bias added from outside, the network output)
 *freezes* the origins it touches. So whatever stays prunable can be removed exactly: the
 physically smaller model computes what the masked model computes.
 """
@@ -29,7 +33,8 @@ from ..errors import TandemError
 @dataclass(frozen=True)
 class Member:
     """One place a group's channels live: ``kind`` is 'out' (filters of a conv/linear), 'dw'
-    (a depthwise conv's channels), 'bn' (BN entries) or 'in' (a consumer's input channels);
+    (a depthwise conv's channels), 'bn' (BN entries), 'in' (a consumer's input channels), or
+    'map_in' / 'map_out' (the input channels / output positions of a channel-map module);
     the group's channel i is index ``offset + i`` there (times ``repeat`` features after a
     flatten, for a linear consumer)."""
     module: str
@@ -74,6 +79,13 @@ _NONZERO_FUNCS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _NONZERO_METHODS = {"sigmoid"}
 
 
+class _Tracer(fx.Tracer):
+    """Keeps channel-map modules whole, so the graph sees one call it knows how to follow."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return hasattr(m, "channel_map") or super().is_leaf_module(m, qualname)
+
+
 class ChannelGraph:
     """Trace ``model`` on ``example_input`` and find its prunable channel groups and the MACs
     of each conv/linear layer (for MACs-target selection)."""
@@ -81,7 +93,7 @@ class ChannelGraph:
     def __init__(self, model: nn.Module, example_input: torch.Tensor):
         self.model = model
         try:
-            gm = fx.symbolic_trace(model)
+            gm = fx.GraphModule(model, _Tracer().trace(model))
         except Exception as exc:  # fx raises many types for untraceable Python control flow
             raise TandemError(f"cannot trace {type(model).__name__} with torch.fx for channel pruning "
                               f"({type(exc).__name__}: {exc}); data-dependent control flow is not supported") from None
@@ -230,6 +242,13 @@ class ChannelGraph:
             out = self._new(mod.out_features)
             self._members[out].append(Member(name, "out"))
             return (((out, mod.out_features),), 1)
+        if hasattr(mod, "channel_map"):
+            if x is None or x[1] != 1:
+                return unknown(node)
+            members(x, name, "map_in")
+            out = self._new(len(mod.channel_map))
+            self._members[out].append(Member(name, "map_out"))
+            return (((out, len(mod.channel_map)),), 1)
         if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)) and x[1] == 1:
             members(x, name, "bn")
             return x

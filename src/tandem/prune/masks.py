@@ -4,7 +4,9 @@ SBS's learned gates), and per-weight magnitude masks (Han et al.).
 A *hard* channel mask zeroes everything that produces the channel: the filters and biases of
 its convs/linears and depthwise convs and the BN's scale and shift. The channel is then 0
 after every activation that keeps 0 at 0, so removing it (surgery) changes no output.
-A *soft* mask (SFP) zeroes only the filters: BN's shift and the gradients let them regrow.
+A channel that an option-A shortcut copies into the stream is zeroed by setting its entry of
+the shortcut's channel map to -1. A *soft* mask (SFP) zeroes only the filters: BN's shift and
+the gradients let them regrow.
 """
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False) -> 
             continue
         for m in group.members:
             mod = graph.module(m.module)
+            if m.kind == "map_out":
+                if not soft:   # the shortcut's copy of an input channel would refill the position
+                    drop = {m.offset + int(i) for i in idx}
+                    mod.set_channel_map(mod.in_ch, [-1 if j in drop else i for j, i in enumerate(mod.channel_map)])
+                continue
+            if m.kind == "map_in":
+                continue
             rows = idx.to(mod.weight.device) + m.offset if mod.weight is not None else idx + m.offset
             if m.kind in ("out", "dw"):
                 mod.weight[rows] = 0
@@ -39,9 +48,10 @@ def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False) -> 
 def attach_gate(graph: ChannelGraph, group: Group, gate: Callable[[], torch.Tensor]) -> list:
     """Multiply the group's channels by ``gate()`` (a (size,) tensor, e.g. a learned binary
     mask with a straight-through gradient) wherever they are produced: after each BN of the
-    group, else after each producer. Gating the producers of a residual sum gates the sum.
+    group, else after each producer, and after each channel-map module (option-A shortcut)
+    feeding it. Gating every producer of a residual sum gates the sum.
     Returns the hook handles (``h.remove()`` detaches)."""
-    sites = group.of_kind("bn") or group.of_kind("out", "dw")
+    sites = (group.of_kind("bn") or group.of_kind("out", "dw")) + group.of_kind("map_out")
 
     def hook(offset):
         def fn(_module, _inputs, out):

@@ -38,7 +38,7 @@ def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
         if len(idx) >= group.size:
             raise TandemError(f"cannot remove all {group.size} channels of {group.name}")
         for m in group.members:
-            if m.kind == "in":
+            if m.kind in ("in", "map_in"):
                 in_drop.setdefault(m.module, set()).update(
                     (m.offset + int(i) * m.repeat) + r for i in idx for r in range(m.repeat))
             else:
@@ -46,7 +46,9 @@ def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
     for name in set(out_drop) | set(in_drop):
         mod = graph.module(name)
         dev = mod.weight.device if getattr(mod, "weight", None) is not None else None
-        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        if hasattr(mod, "channel_map"):
+            _remap(mod, in_drop.get(name, set()), out_drop.get(name, set()))
+        elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
             keep = _keep(mod.num_features, out_drop[name], mod.running_mean.device)
             if mod.affine:
                 mod.weight = _param(mod.weight, keep, 0)
@@ -69,6 +71,17 @@ def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
                 keep = _keep(getattr(mod, in_attr), in_drop[name], dev)
                 mod.weight = _param(mod.weight, keep, 1)
                 setattr(mod, in_attr, len(keep))
+
+
+def _remap(mod: nn.Module, in_drop: set[int], out_drop: set[int]) -> None:
+    """A channel-map module loses input channels (their positions become zeros, the rest are
+    renumbered) and output positions (dropped from the map)."""
+    renumber, k = {}, 0
+    for i in range(mod.in_ch):
+        if i not in in_drop:
+            renumber[i], k = k, k + 1
+    mapping = [renumber.get(i, -1) for j, i in enumerate(mod.channel_map) if j not in out_drop]
+    mod.set_channel_map(mod.in_ch - len(in_drop), mapping)
 
 
 def _first_layer(mod: nn.Module) -> nn.Module:
@@ -95,7 +108,11 @@ def rebuild(model: nn.Module) -> nn.Module:
     for label in labels:
         layer = _first_layer(modules[label])
         widths.append(layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
-    fresh = create_model(**{**config, "widths": widths})
+    maps = {n: m.channel_map for n, m in modules.items() if hasattr(m, "channel_map")}
+    kwargs = dict(config.get("kwargs", {}))
+    if "channel_maps" in kwargs:     # builders that take explicit shortcut maps (option-A ResNets)
+        kwargs["channel_maps"] = maps or None
+    fresh = create_model(**{**config, "widths": widths, "kwargs": kwargs})
     state = model.state_dict()
     own = fresh.state_dict()
     bad = [k for k in own if k not in state or own[k].shape != state[k].shape]
