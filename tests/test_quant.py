@@ -144,6 +144,21 @@ def test_lsq_activation_step_gradient_matches_the_analytic_expression(signed):
     assert torch.allclose(xr.grad, g * inside)
 
 
+def test_lsq_activation_at_the_clip_bounds_follows_the_paper():
+    """Exactly on a bound: no gradient to x, and the bound itself as the step gradient."""
+    aq = LSQAct(3, signed="signed")
+    aq.set_flags(calibrated=True, signed=True)
+    with torch.no_grad():
+        aq.step.fill_(0.5)
+    qn, qp, s = 4, 3, 0.5
+    x = torch.tensor([[-qn * s, qp * s, 0.3, -3.0, 2.2]], requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    aq(x).backward(g)
+    assert torch.equal(x.grad, torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0]]))
+    expected = (g * _lsq_step_grad(x.detach(), torch.tensor(s), qn, qp)).sum() / math.sqrt(5 * qp)
+    assert aq.step.grad.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_lsq_weight_init_gradient_and_per_channel_steps(per_channel):
     torch.manual_seed(1)

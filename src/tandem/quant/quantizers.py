@@ -423,6 +423,36 @@ class PACTAct(ActQuantizer):
         return (a / n, 0, -n if self.signed else 0, n)
 
 
+def _float32_below(v: float) -> float:
+    """The largest float32 below v: ``c > _float32_below(v)`` is ``c == v`` for c clipped at v."""
+    return float(torch.nextafter(torch.tensor(float(v)), torch.tensor(-math.inf)))
+
+
+class _LSQRound(torch.autograd.Function):
+    """LSQ's quantizer in one function: c = clamp(x / s, -Q_N, Q_P), y = round(c) s. Backward
+    (Esser et al. eq. 3, STE): dy/dx = 1 where -Q_N < x/s < Q_P; dy/ds = round(c) - c there and
+    the clip bound outside, times the gradient scale. The clip bounds are constants, so the
+    masks use the fused threshold kernel on any device; only c is saved."""
+
+    @staticmethod
+    def forward(ctx, x, step, qn, qp, grad_scale_):
+        s = step.detach()
+        c = torch.div(x, s).clamp_(-qn, qp)
+        ctx.save_for_backward(c)
+        ctx.qn, ctx.qp_below, ctx.grad_scale = -qn, _float32_below(qp), grad_scale_
+        return c.round().mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        (c,) = ctx.saved_tensors
+        grad_x = _grad_where_above(g, c, ctx.qn) - _grad_where_above(g, c, ctx.qp_below)
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (torch.dot(g.flatten(), c.round().flatten()) - torch.dot(grad_x.flatten(), c.flatten()))
+            grad_s = (grad_s * ctx.grad_scale).reshape(())
+        return grad_x, grad_s, None, None, None
+
+
 class LSQAct(ActQuantizer):
     """LSQ activations: unsigned Q_N = 0, Q_P = 2^b - 1; signed Q_N = 2^(b-1), Q_P = 2^(b-1) - 1.
     Step initialised on calibration data as 2 mean|x| / sqrt(Q_P); gradient scale 1/sqrt(N Q_P)
@@ -458,8 +488,7 @@ class LSQAct(ActQuantizer):
 
     def quantize(self, x):
         qn, qp = self._range()
-        s = grad_scale(self.step, 1.0 / math.sqrt(x[0].numel() * qp))
-        return round_ste((x / s).clamp(-qn, qp)) * s
+        return _LSQRound.apply(x, self.step, qn, qp, 1.0 / math.sqrt(x[0].numel() * qp))
 
     def qparams(self):
         qn, qp = self._range()
