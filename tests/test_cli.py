@@ -7,9 +7,35 @@ import pytest
 from tandem.cli import main
 
 
-def test_default_job_end_to_end_and_eval(tmp_path, capsys):
+def test_default_job_runs_every_joint_method_on_one_baseline(tmp_path):
+    from tandem.recipes import DEFAULT_JOB
+
     out = tmp_path / "run"
     assert main(["run", "train.epochs=2", "train.progress=false", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["models"]}
+    assert results["methods"] == DEFAULT_JOB == ["independent", "mutual", "pqkd"]
+    assert list(rows) == ["baseline", "independent/pruned", "independent/quantized", "mutual/pruned",
+                          "mutual/quantized", "pqkd/pruned", "pqkd/quantized", "pqkd/distilled", "pqkd/no-kd"]
+    base = rows["baseline"]
+    for name, row in rows.items():
+        if name.endswith("pruned"):
+            assert row["macs"] < 0.6 * base["macs"] and row["w_bits"] == 32
+        if name.endswith(("quantized", "distilled", "no-kd")):
+            assert row["bops"] < 0.1 * base["bops"]
+    for peer in ("pruned", "quantized"):
+        assert rows[f"mutual/{peer}"]["gain_over_independent"] == pytest.approx(
+            rows[f"mutual/{peer}"]["top1"] - rows[f"independent/{peer}"]["top1"])
+    assert rows["pqkd/distilled"]["gain_over_no_kd"] == pytest.approx(
+        rows["pqkd/distilled"]["top1"] - rows["pqkd/no-kd"]["top1"])
+    report = (out / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in rows)
+    assert (out / "accuracy_vs_cost.png").stat().st_size > 1000
+
+
+def test_baseline_end_to_end_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "method=baseline", "train.epochs=2", "train.progress=false", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     (row,) = results["models"]
     for key in ("name", "top1", "val_top1", "params", "macs", "bops", "bytes", "w_bits", "a_bits"):

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 # ~1 s per epoch on 2 cores: slow enough to be killed in the middle of one
-ARGS = ["train.epochs=5", "train.batch_size=8", "train.progress=false"]
+ARGS = ["method=baseline", "train.epochs=5", "train.batch_size=8", "train.progress=false"]
 
 
 PROCS = []

@@ -81,10 +81,12 @@ def test_cli_nproc_2_end_to_end(tmp_path):
                            "train.progress=false", "--out", str(out)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())      # the default job: every joint method
     assert results["world_size"] == 2 and results["models"][0]["top1"] > 80
+    assert len(results["models"]) == 9 and all(r["top1"] > 50 for r in results["models"])
     # only rank 0 wrote: one line per epoch, one table printed
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("baseline") == 3 and stages.count("mutual-joint") == 3
     assert proc.stdout.count("| baseline |") == 1
 
 

@@ -118,12 +118,13 @@ def test_frozen_teacher_is_not_updated(data):
     before = [p.clone() for p in teacher.parameters()]
 
     def kd(outputs, y, x):
-        assert not outputs["teacher"].requires_grad
+        assert not outputs["teacher"].requires_grad and not teacher.training   # eval, no grad while fitting
         return cross_entropy_objective({"net": outputs["net"]}, y, x)
 
     Trainer({"net": make_net()}, kd, cfg(epochs=1), frozen={"teacher": teacher}).fit(train, val)
     assert all(torch.equal(p, q) for p, q in zip(before, teacher.parameters()))
-    assert not teacher.training
+    # given back as it came, so a later stage can train it (or a copy of it)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):

@@ -387,6 +387,17 @@ def test_prune_method_end_to_end_and_eval(tmp_path, capsys):
     assert f"test top-1 {rows['pruned']['top1']:.2f}%" in capsys.readouterr().out
 
 
+def test_prune_recipe_ignore_keeps_those_layers_whole(tmp_path):
+    from tandem.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "method=prune", "prune.ratio=0.5", "prune.ignore=[features.0.0]", "train.epochs=1",
+                 "train.progress=false", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    net, _ = load_model(out / rows["pruned"]["model_file"])
+    assert net.config["widths"] == [16, 16, 32]
+
+
 def test_prune_recipe_errors_name_what_is_allowed():
     from tandem.recipes import load_recipe
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tandem.errors import RecipeError
@@ -6,7 +8,17 @@ from tandem.recipes import dump_recipe, load_recipe, validate
 
 def test_default_recipe_is_the_digits_job():
     r = load_recipe()
-    assert (r.model.name, r.dataset.name, r.method, r.name) == ("small_cnn", "digits", "baseline", "default")
+    assert (r.model.name, r.dataset.name, r.name) == ("small_cnn", "digits", "default")
+    assert r.methods == ["independent", "mutual", "pqkd"]
+
+
+def test_method_is_one_name_or_a_list_of_known_distinct_names():
+    assert load_recipe(None, ["method=prune"]).methods == ["prune"]
+    assert load_recipe(None, ["method=[quantize, prune]"]).methods == ["quantize", "prune"]
+    for bad, says in (("method=[]", "non-empty list"), ("method=[mutual, mutual]", "names a method twice"),
+                      ("method=[mutual, mutal]", "unknown method; allowed: baseline")):
+        with pytest.raises(RecipeError, match=says):
+            load_recipe(None, [bad])
 
 
 def test_overrides_set_nested_values_and_shorthands():
@@ -66,3 +78,10 @@ def test_missing_recipe_file():
 def test_wrong_type_section():
     with pytest.raises(RecipeError, match="train"):
         validate({"train": 5})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem and recipe.method

@@ -70,6 +70,17 @@ def cmd_run(ns) -> int:
     return 0
 
 
+def cmd_grid(ns) -> int:
+    from .grid import DEFAULT_PRUNERS, DEFAULT_QUANTIZERS, parse_list, run_grid
+
+    recipe_path, overrides = _split_run_args(ns.args)
+    summary = run_grid(recipe_path, parse_list(ns.pruners, DEFAULT_PRUNERS),
+                       parse_list(ns.quantizers, DEFAULT_QUANTIZERS), out=ns.out, overrides=overrides)
+    from .grid import grid_markdown
+    print(grid_markdown(summary))
+    return 0
+
+
 def cmd_profile(ns) -> int:
     from . import cost
     from .models import create_model
@@ -147,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=int, default=0,
                    help="train with N processes on this machine (launches torchrun --nproc_per_node=N)")
     r.set_defaults(fn=cmd_run)
+
+    g = sub.add_parser("grid", help="pruners x quantizers, each pair trained by mutual learning and "
+                                    "independently (the control); one table and plot")
+    g.add_argument("args", nargs="*", metavar="RECIPE | key=value",
+                   help="a recipe YAML (its prune:/quant:/mutual: sections), then overrides")
+    g.add_argument("--pruners", help="comma-separated pruning criteria (default l1,fpgm,hrank)")
+    g.add_argument("--quantizers", help="comma-separated quantizers (default dorefa,pact,lsq)")
+    g.add_argument("--out", help="grid folder (default runs/grid-<recipe>-<time>); run again to resume")
+    g.set_defaults(fn=cmd_grid)
 
     pr = sub.add_parser("profile", help="per-layer and total params, MACs, BOPs and bytes of a model")
     pr.add_argument("model")

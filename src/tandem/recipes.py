@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -74,10 +74,15 @@ class TrainSpec(Section):
         return self
 
 
+DEFAULT_JOB = ["independent", "mutual", "pqkd"]
+
+
 class Recipe(Section):
-    """The default values are the default job: the small CNN on scikit-learn's digits."""
+    """The default values are the default job: the small CNN on scikit-learn's digits, trained,
+    then pruned and quantized peers trained alone and by mutual learning, then pqkd. ``method``
+    is one method or a list run in turn on one run context (one baseline, one report)."""
     name: Optional[str] = None
-    method: str = "baseline"
+    method: Union[str, list[str]] = Field(default_factory=lambda: list(DEFAULT_JOB))
     protocol: Literal["cpu-small", "paper", "smoke"] = "cpu-small"
     seed: int = Field(0, ge=0)
     device: str = "auto"
@@ -101,9 +106,20 @@ class Recipe(Section):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, v: str) -> str:
+    def _known_method(cls, v):
         from .methods import list_methods
-        return one_of(v, list_methods(), "method")
+        if isinstance(v, str):
+            return one_of(v, list_methods(), "method")
+        if not v:
+            raise ValueError("give a method or a non-empty list of methods")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a method twice")
+        return [one_of(m, list_methods(), "method") for m in v]
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods to run, in order."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
 
     @field_validator("device")
     @classmethod

@@ -94,7 +94,7 @@ class RunContext:
         return self._pretrained
 
     def train_stage(self, stage: str, nets: dict, objective=cross_entropy_objective, cfg=None,
-                    frozen: dict | None = None, callbacks=()) -> dict:
+                    frozen: dict | None = None, callbacks=(), update: str = "simultaneous") -> dict:
         """Train `nets` for one stage; afterwards each holds its best-by-validation weights.
 
         Returns {net: {'val_top1', 'epoch'}}. A stage finished by an earlier run of this folder
@@ -111,7 +111,7 @@ class RunContext:
             return json.loads(done_file.read_text())
         torch.manual_seed(self.recipe.seed)
         trainer = Trainer(nets, objective, cfg, device=self.device, frozen=frozen, callbacks=callbacks,
-                          ckpt_path=stage_dir / "last.ckpt", log=self.log, stage=stage)
+                          ckpt_path=stage_dir / "last.ckpt", log=self.log, stage=stage, update=update)
         best = trainer.fit(self.train_loader(cfg), self.eval_loader("val"), resume=self.resume)
         if self.dist.is_main:
             for name, net in nets.items():
@@ -131,7 +131,7 @@ class RunContext:
             val_top1 = evaluate(net, self.eval_loader("val"))["top1"]
         c = cost.profile(net, self.input_size, **cost_options)
         w_bits, a_bits = cost.bits_summary(c)
-        model_file = self.out_dir / "models" / f"{name}.safetensors"
+        model_file = self.out_dir / "models" / f"{name.replace('/', '-')}.safetensors"   # 'mutual/pruned': one folder
         if self.dist.is_main:
             save_model(net, model_file, dataset=self.recipe.dataset.model_dump(mode="json"),
                        mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed)
@@ -146,14 +146,17 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> dict:
+def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
+        methods: list[str] | None = None) -> dict:
     """Run a validated recipe into `out`; returns the results dict also written to results.json.
 
-    Under torchrun this joins the process group and trains with DDP on every rank."""
+    `methods` (default: the recipe's one) run in turn on one RunContext, sharing its baseline
+    (e.g. `tandem grid` runs independent then mutual). Under torchrun this joins the process
+    group and trains with DDP on every rank."""
     from .methods import get_method
     from .report import write_report
 
-    method = get_method(recipe.method)
+    steps = [get_method(name) for name in (methods or recipe.methods)]
     dist_info = distributed.init_distributed(recipe.device)
     out_dir = Path(out) if out else distributed.on_rank0(lambda: default_out_dir(recipe))
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
@@ -166,8 +169,10 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
-    method(ctx)
+    for method in steps:
+        method(ctx)
     results = {"recipe": recipe.model_dump(mode="json"), "protocol": recipe.protocol,
+               "methods": list(methods or recipe.methods),
                "models": ctx.results, "commit": git_commit(), "machine": machine(),
                "wall_time_s": time.perf_counter() - start, "device": str(ctx.device),
                "world_size": dist_info.world_size}

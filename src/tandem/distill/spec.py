@@ -31,3 +31,6 @@ class DistillSpec(BaseModel):
     temperature: float = Field(4.0, gt=0)
     epochs: Optional[int] = Field(None, ge=0)      # KD epochs (None: train.epochs)
     lr: Optional[float] = Field(None, gt=0)        # KD learning rate (None: train.lr)
+    # also train a twin for the same KD epochs with CE only (row pqkd/no-kd), the control that
+    # separates distillation's gain from the extra epochs' (None: on except for protocol paper)
+    control: Optional[bool] = None

@@ -101,6 +101,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_nets = {n: torch.nn.parallel.DistributedDataParallel(
                 m, device_ids=ids, find_unused_parameters=find_unused_parameters) for n, m in self.nets.items()}
+        # teachers run in eval mode without gradients while this trainer fits; fit() gives them back
+        # as they came, so a teacher shared across stages (ctx.pretrained()) can be trained later
+        self._frozen_as_given = {n: (m.training, [p.requires_grad for p in m.parameters()])
+                                 for n, m in (frozen or {}).items()}
         self.frozen = {n: m.to(self.device).eval().requires_grad_(False) for n, m in (frozen or {}).items()}
         self.objective = objective
         self.cfg = cfg
@@ -237,6 +241,10 @@ class Trainer:
             self._fit_epochs(train_loader, val_loader)
         finally:
             self._bar.close()
+            for n, (training, flags) in self._frozen_as_given.items():
+                self.frozen[n].train(training)
+                for p, flag in zip(self.frozen[n].parameters(), flags):
+                    p.requires_grad_(flag)
         for n, m in self.nets.items():
             if self.best[n]["state"] is not None:
                 m.load_state_dict(self.best[n]["state"])

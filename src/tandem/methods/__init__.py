@@ -26,5 +26,7 @@ def get_method(name: str) -> Callable:
 
 
 from . import baseline  # noqa: E402,F401  (registers)
+from . import pqkd  # noqa: E402,F401  (registers)
 from . import prune  # noqa: E402,F401  (registers)
 from . import quantize  # noqa: E402,F401  (registers)
+from . import mutual  # noqa: E402,F401  (registers mutual and independent)

@@ -2,11 +2,15 @@
 first when asked) -> fine-tune -> record the baseline and the physically smaller model.
 
 Unstructured magnitude pruning keeps the shape; its row adds ``nonzero_macs``.
+
+`build_pruned` is the part other methods share (mutual, independent): it prunes a copy of the
+pretrained network up to its last training stage and says how that stage must run.
 """
 from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,14 +33,40 @@ def _batches(ctx, n):
     return [x for x, _ in itertools.islice(iter(ctx.train_loader()), n)]
 
 
-@register_method("prune")
-def prune_method(ctx) -> None:
-    spec = ctx.recipe.prune or PruneSpec()
+def finetune_cfg(ctx, spec: PruneSpec):
+    """train: with the prune section's fine-tune epochs / lr where given."""
+    return ctx.recipe.train.model_copy(update={k: v for k, v in (("epochs", spec.finetune_epochs),
+                                                                 ("lr", spec.finetune_lr)) if v is not None})
+
+
+@dataclass
+class PrunedNet:
+    """A pruned copy of the pretrained network, ready for its last training stage.
+
+    One-shot/iterative: `net` is already physically smaller (iterative: every step but the last
+    was fine-tuned). Soft: `net` keeps its shape; `callbacks` zero and regrow its filters during
+    the last stage and `finish()` then removes them. Magnitude: `callbacks` hold the masks."""
+    net: torch.nn.Module
+    stage: str                      # the name the prune method gives the last stage
+    cfg: object                     # that stage's schedule (a TrainSpec)
+    callbacks: list = field(default_factory=list)   # run them while `net` trains
+    pruner: ChannelPruner | None = None             # soft schedule only
+    unstructured: bool = False
+
+    def finish(self) -> torch.nn.Module:
+        """The network to record: soft pruning's zeroed filters removed; otherwise `net`."""
+        if self.pruner is None:
+            return self.net
+        return self.pruner.apply(on_rank0(self.pruner.plan))
+
+
+def build_pruned(ctx, spec: PruneSpec, prefix: str = "") -> PrunedNet:
+    """Prune a copy of `ctx.pretrained()` by `spec`; the stages before the last one run here
+    (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run."""
     base = ctx.pretrained()
     net = copy.deepcopy(base)
     train = ctx.recipe.train
-    finetune = train.model_copy(update={k: v for k, v in (("epochs", spec.finetune_epochs),
-                                                          ("lr", spec.finetune_lr)) if v is not None})
+    finetune = finetune_cfg(ctx, spec)
     target = spec.target()
 
     if spec.criterion == "magnitude":
@@ -46,36 +76,51 @@ def prune_method(ctx) -> None:
             masks = magnitude_masks(net, 1 - (1 - sparsity) ** (k / steps), spec.scope or "layer")
             apply_weight_masks(net, masks)
             cfg = finetune.model_copy(update={"epochs": max(1, finetune.epochs // steps)}) if steps > 1 else finetune
-            best = ctx.train_stage(f"finetune{k if steps > 1 else ''}", {"pruned": net}, cfg=cfg,
-                                   callbacks=[KeepMasked(net, masks)])
-        row = ctx.record("pruned", net, _val(best))
-        row["nonzero_macs"] = cost.profile(net, ctx.input_size).nonzero_macs
-        return
+            stage = f"{prefix}finetune{k if steps > 1 else ''}"
+            if k < steps:
+                ctx.train_stage(stage, {"pruned": net}, cfg=cfg, callbacks=[KeepMasked(net, masks)])
+        return PrunedNet(net, stage, cfg, [KeepMasked(net, masks)], unstructured=True)
 
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
-    options = dict(scope=spec.scope, max_ratio=spec.max_ratio, normalize=spec.normalize,
+    options = dict(scope=spec.scope, max_ratio=spec.max_ratio, normalize=spec.normalize, ignore=spec.ignore,
                    criterion_options={"batches": spec.hrank_batches} if spec.criterion == "hrank" else None)
     data = _batches(ctx, spec.hrank_batches) if spec.criterion == "hrank" else None
 
     if spec.sparsity_epochs:
         cfg = train.model_copy(update={"epochs": spec.sparsity_epochs})
-        ctx.train_stage("sparsity", {"pruned": net}, cfg=cfg, callbacks=[SlimmingPenalty(spec.slimming_penalty)])
+        ctx.train_stage(f"{prefix}sparsity", {"pruned": net}, cfg=cfg,
+                        callbacks=[SlimmingPenalty(spec.slimming_penalty)])
 
     if spec.schedule == "soft":
         pruner = ChannelPruner(net, example, spec.criterion, **target, data=data, **options)
         cfg = finetune.model_copy(update={"epochs": spec.soft_epochs})
-        ctx.train_stage("soft", {"pruned": net}, cfg=cfg, callbacks=[SoftPruning(pruner)])
+        return PrunedNet(net, f"{prefix}soft", cfg, [SoftPruning(pruner)], pruner=pruner)
+
+    steps = spec.steps if spec.schedule == "iterative" else 1
+    for k in range(1, steps + 1):
+        if target["macs_target"] is not None:
+            step = {"ratio": None, "macs_target": step_fraction(target["macs_target"], steps)}
+        else:
+            step = {"ratio": 1 - step_fraction(1 - target["ratio"], steps), "macs_target": None}
+        pruner = ChannelPruner(net, example, spec.criterion, **step, data=data, **options)
         net = pruner.apply(on_rank0(pruner.plan))
-        best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune)
-    else:
-        steps = spec.steps if spec.schedule == "iterative" else 1
-        for k in range(1, steps + 1):
-            if target["macs_target"] is not None:
-                step = {"ratio": None, "macs_target": step_fraction(target["macs_target"], steps)}
-            else:
-                step = {"ratio": 1 - step_fraction(1 - target["ratio"], steps), "macs_target": None}
-            pruner = ChannelPruner(net, example, spec.criterion, **step, data=data, **options)
-            net = pruner.apply(on_rank0(pruner.plan))
-            cfg = finetune.model_copy(update={"epochs": max(1, finetune.epochs // steps)}) if steps > 1 else finetune
-            best = ctx.train_stage(f"finetune{k if steps > 1 else ''}", {"pruned": net}, cfg=cfg)
+        cfg = finetune.model_copy(update={"epochs": max(1, finetune.epochs // steps)}) if steps > 1 else finetune
+        stage = f"{prefix}finetune{k if steps > 1 else ''}"
+        if k < steps:
+            ctx.train_stage(stage, {"pruned": net}, cfg=cfg)
+    return PrunedNet(net, stage, cfg)
+
+
+@register_method("prune")
+def prune_method(ctx) -> None:
+    spec = ctx.recipe.prune or PruneSpec()
+    p = build_pruned(ctx, spec)
+    best = ctx.train_stage(p.stage, {"pruned": p.net}, cfg=p.cfg, callbacks=p.callbacks)
+    if p.unstructured:
+        row = ctx.record("pruned", p.net, _val(best))
+        row["nonzero_macs"] = cost.profile(p.net, ctx.input_size).nonzero_macs
+        return
+    net = p.finish()
+    if p.pruner is not None:   # soft: the zero-and-regrow stage above, then a fine-tune of the smaller net
+        best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune_cfg(ctx, spec))
     ctx.record("pruned", net, _val(best))

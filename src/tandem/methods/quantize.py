@@ -19,12 +19,17 @@ def quant_name(spec: QuantSpec) -> str:
     return f"{spec.method}-w{spec.w_bits}a{spec.a_bits}" + ("-ptq" if spec.mode == "ptq" else "")
 
 
+def build_quantized(ctx, spec: QuantSpec):
+    """A quantized, calibrated copy of `ctx.pretrained()` (shared with mutual / independent)."""
+    net = quantize_(copy.deepcopy(ctx.pretrained()), spec)
+    calibrate(net, ctx.eval_loader("train"), num_batches=spec.calib_batches)
+    return net
+
+
 @register_method("quantize")
 def quantize(ctx) -> None:
     spec = ctx.recipe.quant or QuantSpec()   # no quant: section: the defaults (LSQ W4A4)
-    fp = ctx.pretrained()
-    net = quantize_(copy.deepcopy(fp), spec)
-    calibrate(net, ctx.eval_loader("train"), num_batches=spec.calib_batches)
+    net = build_quantized(ctx, spec)
     name = quant_name(spec)
     if spec.mode == "ptq":
         ctx.record(name, net)

@@ -53,7 +53,7 @@ class ShortcutA(nn.Module):
         kept = [(j, i) for j, i in enumerate(channel_map) if i >= 0]
         if not kept:
             return 0, 0, len(channel_map), 0
-        (j0, i0), (j1, i1) = kept[0], kept[-1]
+        (j0, i0), (j1, _) = kept[0], kept[-1]
         if len(kept) != j1 - j0 + 1 or any(i != i0 + k for k, (_, i) in enumerate(kept)):
             return None
         return i0, len(kept), j0, len(channel_map) - j1 - 1

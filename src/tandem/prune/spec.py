@@ -18,7 +18,7 @@ class PruneSpec(BaseModel):
     schedule: Literal["one_shot", "iterative", "soft"] = "one_shot"
     max_ratio: float = Field(0.9, ge=0, lt=1)                 # at most this fraction of a layer goes
     normalize: Literal["auto", "mean", "max", "none"] = "auto"
-    ignore: list[str] = Field(default_factory=list)            # globs of layers whose channels stay whole
+    ignore: list[str] = Field(default_factory=list)   # globs of layers whose channels stay whole (structured only)
     steps: int = Field(3, ge=1)                                # iterative: prune/fine-tune rounds
     soft_epochs: int = Field(5, ge=1)                          # soft: epochs of zero-and-regrow
     sparsity_epochs: int = Field(0, ge=0)                      # slimming: epochs with the BN-L1 penalty first

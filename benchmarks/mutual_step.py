@@ -1,0 +1,92 @@
+"""Time of one mutual-learning training step against one full-precision step of the larger peer.
+
+Mutual step (the engine's own, Trainer with the `mutual` method's DML objective, simultaneous
+updates): P = ResNet-20 pruned to 50% of its MACs (L1, layer scope) and Q = ResNet-20 LSQ W4A4
+(first/last layer 8-bit min-max), forward of both, CE + KL each, one backward, both SGD steps.
+FP step: the unpruned full-precision ResNet-20 under cross-entropy, same engine and optimiser.
+Batch 128 of 3x32x32, CPU; interleaved rounds (each round times both, in alternating order);
+the result is the ratio of the medians (and, for reference, the median of per-round ratios).
+
+    python benchmarks/mutual_step.py --rounds 9 --steps 2 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import write_result
+from tandem.distill.spec import MutualSpec
+from tandem.engine import Trainer, cross_entropy_objective
+from tandem.engine.optim import build_scheduler
+from tandem.methods.mutual import dml_objective
+from tandem.models import create_model
+from tandem.prune import prune
+from tandem.quant import QuantSpec, calibrate, quantize_
+from tandem.recipes import TrainSpec
+
+TARGET = 2.2
+
+
+def trainer(nets, objective, cfg):
+    t = Trainer(nets, objective, cfg)
+    t.schedulers = {n: build_scheduler(o, cfg, 100) for n, o in t.optimizers.items()}
+    for m in t.nets.values():
+        m.train()
+    return t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--steps", type=int, default=2, help="steps per timing")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    x, y = torch.randn(a.batch_size, 3, 32, 32), torch.randint(0, 10, (a.batch_size,))
+    cfg = TrainSpec(epochs=1, batch_size=a.batch_size, lr=0.01, amp=False, progress=False)
+    fp = create_model("resnet20", num_classes=10)
+    pruned = prune(fp, x[:1], "l1", macs_target=0.5)
+    quantized = quantize_(create_model("resnet20", num_classes=10), QuantSpec(method="lsq", w_bits=4, a_bits=4))
+    quantized.load_state_dict(fp.state_dict(), strict=False)
+    calibrate(quantized, [x[:32]])
+    from tandem import cost
+    macs_ratio = cost.profile(pruned, (3, 32, 32)).macs / cost.profile(fp, (3, 32, 32)).macs
+    runs = {"fp": trainer({"fp": fp}, cross_entropy_objective, cfg),
+            "mutual": trainer({"pruned": pruned, "quantized": quantized}, dml_objective(MutualSpec()), cfg)}
+    for t in runs.values():                                 # warm-up
+        t._simultaneous_step(x, y)
+    times = {c: [] for c in runs}
+    for r in range(a.rounds):
+        for c in (("fp", "mutual") if r % 2 == 0 else ("mutual", "fp")):
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                runs[c]._simultaneous_step(x, y)
+            times[c].append((time.perf_counter() - t0) / a.steps)
+        print(f"round {r + 1}: fp {times['fp'][-1] * 1e3:.0f} ms, mutual {times['mutual'][-1] * 1e3:.0f} ms", flush=True)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    ratio = med["mutual"] / med["fp"]
+    per_round = statistics.median(m / f for m, f in zip(times["mutual"], times["fp"]))
+    path = write_result("mutual_step-resnet20-cpu", {
+        "protocol": f"ResNet-20, batch {a.batch_size}, 3x32x32 random input, CPU fp32, torch threads {a.threads}. "
+                    f"Mutual step = tandem's Trainer step with the mutual method's DML objective (simultaneous): "
+                    f"P = L1-pruned to {macs_ratio:.1%} of the MACs, Q = LSQ W4A4 (first/last 8-bit), forward of both, "
+                    f"CE + KL(peer||self) each, one backward, two SGD steps. FP step = the same engine step of the "
+                    f"unpruned FP ResNet-20 with CE. {a.rounds} interleaved rounds of {a.steps} steps; ratio of the "
+                    f"medians. Absolute times vary with the machine's load (shared with other agents).",
+        "target": f"mutual step <= {TARGET}x FP step of the larger peer",
+        "median_step_ms": {c: round(v * 1e3, 1) for c, v in med.items()},
+        "ratio_of_medians": round(ratio, 3), "median_of_round_ratios": round(per_round, 3),
+        "meets_target": ratio <= TARGET, "p_macs_ratio": round(macs_ratio, 4),
+        "times_ms": {c: [round(t * 1e3, 1) for t in v] for c, v in times.items()}})
+    print(f"median step: fp {med['fp'] * 1e3:.0f} ms, mutual {med['mutual'] * 1e3:.0f} ms; "
+          f"ratio of medians {ratio:.2f}x (target <= {TARGET}x); median of round ratios {per_round:.2f}x")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

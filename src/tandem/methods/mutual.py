@@ -1,0 +1,198 @@
+"""mutual and independent: a pruned peer P and a quantized peer Q, trained together by Deep
+Mutual Learning (Li, Chen, Wang 2023; methods.md §1.3-1.4) or, as the control, each alone.
+
+    method: mutual            # or: independent
+    prune: {criterion: fpgm, macs_target: 0.5, schedule: soft}
+    quant: {method: lsq, w_bits: 4, a_bits: 4}
+    mutual: {update: sequential, kd_weight: 0.0, feature_weight: 0.0}
+
+Both methods build the same peers from `ctx.pretrained()`: P by the `prune` method's own
+`build_pruned` (one-shot / iterative pruning happens before the joint phase; a soft schedule
+zeroes and regrows P's filters during it and P is made physically smaller at the end), Q by the
+`quantize` method's `build_quantized`. The joint phase is one training stage of both nets with
+the same data order, epochs, schedule, lr and seed; only the objective differs. Both methods can
+run on one RunContext (stage and record names are prefixed `mutual-` / `independent-`; the
+preparation stages of P, `peers-*`, are shared so both start from the same P).
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+
+from .. import cost
+from ..distill import FeatureTap, HintLoss, kl_divergence, mutual_losses
+from ..distill.spec import MutualSpec
+from ..engine.distributed import on_rank0
+from ..errors import RecipeError
+from ..prune import PruneSpec, SoftPruning
+from ..quant import QuantSpec
+from . import register_method
+from .prune import PrunedNet, build_pruned
+from .quantize import build_quantized
+
+PEERS = ("pruned", "quantized")
+
+
+def mutual_spec(ctx) -> MutualSpec:
+    return ctx.recipe.mutual or MutualSpec()
+
+
+def joint_cfg(ctx):
+    """The joint phase's schedule: train: with mutual.epochs / mutual.lr where given (both
+    methods use it, so the control gets exactly the same budget)."""
+    ms = mutual_spec(ctx)
+    return ctx.recipe.train.model_copy(update={k: v for k, v in (("epochs", ms.epochs), ("lr", ms.lr))
+                                               if v is not None})
+
+
+def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
+    """P (pruned by the recipe's `prune:` section) and Q (quantized by its `quant:` section)."""
+    p = build_pruned(ctx, ctx.recipe.prune or PruneSpec(), prefix="peers-")
+    q = build_quantized(ctx, ctx.recipe.quant or QuantSpec())
+    return p, q
+
+
+class WithAdapters(nn.Module):
+    """P and its hint adapters as one module, so P's optimiser trains the adapters and P's
+    stage checkpoint holds them; the forward pass is P's alone."""
+
+    def __init__(self, net: nn.Module, hints: nn.ModuleList):
+        super().__init__()
+        self.net, self.hints = net, hints
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
+    """Taps on `feature_layers` of both peers and one HintLoss per layer (P's feature, through a
+    1x1 adapter when the widths differ, regressed on Q's detached feature)."""
+    if not ms.feature_layers:
+        raise RecipeError(f"recipe error: mutual.feature_weight = {ms.feature_weight} needs "
+                          f"mutual.feature_layers (module names of both peers, e.g. [layer2, layer3])")
+    tap_p, tap_q = FeatureTap(p, ms.feature_layers), FeatureTap(q, ms.feature_layers)
+    example = torch.zeros(2, *ctx.input_size, device=ctx.device)
+    with torch.no_grad():
+        for net in (p, q):
+            was = net.training
+            net.to(ctx.device).eval()(example)
+            net.train(was)
+    hints = nn.ModuleList(HintLoss(tap_p.features[n].shape[1], tap_q.features[n].shape[1])
+                          for n in ms.feature_layers)
+    return tap_p, tap_q, hints
+
+
+def dml_objective(ms: MutualSpec, teacher: str | None = None, hints=None):
+    """CE + KL to the other peer's detached prediction, for each peer (`ce/<peer>`, `kl/<peer>`);
+    optionally KD from the frozen full-precision model (`kd/<peer>`) and P's feature hint
+    (`hint/pruned`). Every term is named after the one network it trains, so the summed
+    backward (simultaneous) and per-network backward (sequential) both give each peer exactly
+    the gradient of its own loss."""
+    def objective(outputs, y, x):
+        losses = mutual_losses({k: outputs[k] for k in PEERS}, y, temperature=ms.temperature,
+                               kl_weight=ms.kl_weight)
+        if teacher is not None:
+            for k in PEERS:
+                losses[f"kd/{k}"] = ms.kd_weight * kl_divergence(outputs[k], outputs[teacher], ms.kd_temperature)
+        if hints is not None:
+            tap_p, tap_q, modules = hints
+            losses["hint/pruned"] = ms.feature_weight * sum(
+                h(tap_p.features[n], tap_q.features[n]) for h, n in zip(modules, tap_p.names))
+        return losses
+    return objective
+
+
+class SoftPruningBeforeVal(SoftPruning):
+    """SFP within the joint phase, in SFP's own order: the filters are zeroed after the last step
+    of each epoch, *before* validation, so the best-by-validation state is a zeroed network, and
+    the channels zeroed at each epoch are kept so that exactly those are removed at the end
+    (there is no fine-tune after the joint phase to repair a different choice)."""
+
+    def __init__(self, pruner, steps_per_epoch: int):
+        super().__init__(pruner)
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.by_epoch: dict[int, dict] = {}
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_step(self, trainer) -> None:
+        if trainer.step % self.steps_per_epoch == 0:
+            epoch = trainer.step // self.steps_per_epoch
+            super().on_epoch_end(trainer, epoch)
+            self.by_epoch[epoch] = self._last
+            # the BN after a zeroed filter too: otherwise its running mean turns the zero into a
+            # large constant at evaluation; gamma and beta still get gradients, so it can regrow
+            graph = self.pruner.graph
+            for group in graph.groups:
+                idx = self._last.get(group.name)
+                for m in group.of_kind("bn") if idx is not None and len(idx) else ():
+                    bn = graph.module(m.module)
+                    if bn.affine:
+                        rows = idx.to(bn.weight.device) + m.offset
+                        bn.weight[rows] = 0
+                        bn.bias[rows] = 0
+
+
+def peer_callbacks(ctx, p: PrunedNet, cfg) -> list:
+    """P's callbacks for the joint phase (the soft schedule: SoftPruningBeforeVal)."""
+    if p.pruner is None:
+        return p.callbacks
+    return [SoftPruningBeforeVal(p.pruner, len(ctx.train_loader(cfg)))]
+
+
+def _finish_pruned(p: PrunedNet, callbacks: list, best_epoch: int) -> nn.Module:
+    """Soft: remove the channels zeroed in the selected epoch's state (re-planned when the stage
+    was loaded from an earlier run); otherwise P as it is."""
+    if p.pruner is None:
+        return p.net
+    removed = next((cb.by_epoch.get(best_epoch) for cb in callbacks if isinstance(cb, SoftPruningBeforeVal)), None)
+    return p.pruner.apply(removed if removed is not None else on_rank0(p.pruner.plan))
+
+
+def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict, callbacks: list) -> None:
+    def val(name):
+        v = best[name]["val_top1"]
+        return v if v is not None and v >= 0 else None
+    p_net = _finish_pruned(p, callbacks, best["pruned"]["epoch"])
+    # soft: the removal changes the network (BN shifts of removed channels), so measure val again
+    row = ctx.record(f"{method}/pruned", p_net, None if p.pruner is not None else val("pruned"),
+                     stage=f"{method}-joint")
+    if p.unstructured:
+        row["nonzero_macs"] = cost.profile(p_net, ctx.input_size).nonzero_macs
+    ctx.record(f"{method}/quantized", q, val("quantized"), stage=f"{method}-joint")
+
+
+@register_method("mutual")
+def mutual(ctx) -> None:
+    ms = mutual_spec(ctx)
+    p, q = build_peers(ctx)
+    p_train = p.net
+    hints = None
+    if ms.feature_weight > 0:
+        tap_p, tap_q, modules = _feature_hints(ctx, ms, p.net, q)
+        hints = (tap_p, tap_q, modules)
+        p_train = WithAdapters(p.net, modules)
+    frozen = {"teacher": ctx.pretrained()} if ms.kd_weight > 0 else None   # given back unfrozen after the stage
+    cfg = joint_cfg(ctx)
+    callbacks = peer_callbacks(ctx, p, cfg)
+    best = ctx.train_stage("mutual-joint", {"pruned": p_train, "quantized": q},
+                           dml_objective(ms, "teacher" if frozen else None, hints), cfg=cfg,
+                           frozen=frozen, callbacks=callbacks, update=ms.update)
+    if hints is not None:
+        hints[0].remove()
+        hints[1].remove()
+    _record_peers(ctx, "mutual", p, q, best, callbacks)
+
+
+@register_method("independent")
+def independent(ctx) -> None:
+    """The control: the same P and Q, same data, epochs, schedule, lr and seed, each trained
+    with cross-entropy alone (one stage, own optimisers: no term couples them)."""
+    p, q = build_peers(ctx)
+    cfg = joint_cfg(ctx)
+    callbacks = peer_callbacks(ctx, p, cfg)
+    best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=callbacks)
+    _record_peers(ctx, "independent", p, q, best, callbacks)

@@ -1,0 +1,133 @@
+"""pqkd: distillation after pruning and quantization (Bao, Liu, Zhang 2019; methods.md §2.3).
+
+    method: pqkd
+    prune:   {criterion: l1, macs_target: 0.5, finetune_epochs: 3}    # or criterion: magnitude
+    quant:   {method: lsq, w_bits: 4, a_bits: 4, epochs: 3}            # or method: kmeans
+    distill: {alpha: 0.9, temperature: 4, epochs: 5, control: true}
+
+The teacher T is `ctx.pretrained()`, left uncompressed. A copy is pruned and fine-tuned as
+the `prune` method does it (stage `pqkd-finetune`), quantized, calibrated and QAT / centroid
+fine-tuned with cross-entropy only (`pqkd-quantize`), then distilled from T with Hinton KD
+(`pqkd-distill`). Unstructured masks (criterion `magnitude`) are held on weights and gradients
+through every later stage, and the quantizers stay in the loop while distilling.
+Rows: `pqkd/pruned`, `pqkd/quantized`, `pqkd/distilled` and, with `distill.control`,
+`pqkd/no-kd`: the same KD schedule with cross-entropy only, trained side by side, so the gain
+of distillation is measured against the extra epochs alone. Stage names are prefixed `pqkd-`
+so pqkd can follow other methods on one ctx.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import cost
+from ..distill import hinton_kd
+from ..distill.spec import DistillSpec
+from ..errors import TandemError
+from ..prune import KeepMasked, PruneSpec
+from ..quant import QUANT_LAYERS, QuantSpec, calibrate, quantize_
+from . import register_method
+from .prune import build_pruned, finetune_cfg
+
+
+def _val(best: dict, name: str) -> float | None:
+    """The stage's best validation top-1 (None when it trained no epoch: record measures it)."""
+    v = best[name]["val_top1"]
+    return v if v is not None and v >= 0 else None
+
+
+def _cfg(train, epochs, lr):
+    """`train:` with a section's epochs / lr where given."""
+    return train.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
+
+
+def _prune(ctx, spec: PruneSpec):
+    """The `prune` method's pruning (`build_pruned`, stages `pqkd-*`) and its CE fine-tune.
+    Returns (pruned net, its last stage, per-weight masks or None when structured, best)."""
+    p = build_pruned(ctx, spec, prefix="pqkd-")
+    best = ctx.train_stage(p.stage, {"student": p.net}, cfg=p.cfg, callbacks=p.callbacks)
+    masks = next(cb.masks for cb in p.callbacks if isinstance(cb, KeepMasked)) if p.unstructured else None
+    net, stage = p.finish(), p.stage
+    if p.pruner is not None:   # soft: zero-and-regrow above, then fine-tune the smaller network
+        stage = "pqkd-finetune"
+        best = ctx.train_stage(stage, {"student": net}, cfg=finetune_cfg(ctx, spec))
+    return net, stage, masks, best
+
+
+@torch.no_grad()
+def check_zeros_kept(net, masks: dict, method: str) -> None:
+    """§2.3: pruned weights stay 0 after quantization. A quantizer whose grid has no exact 0
+    (DoReFa's 2^k levels) would revive them in every forward pass; refuse it here."""
+    for name, layer in net.named_modules():
+        mask = masks.get(f"{name}.weight")
+        if mask is None or not isinstance(layer, QUANT_LAYERS) or layer.weight_quantizer is None:
+            continue
+        revived = int((layer.quantized_weight()[~mask.to(layer.weight.device)] != 0).sum())
+        if revived:
+            raise TandemError(f"quant.method = {method!r} turns {revived} pruned (zero) weights of layer "
+                              f"{name!r} nonzero; with prune.criterion = magnitude use a quantizer whose grid "
+                              f"holds 0: lsq, minmax, percentile, kmeans, dorefa_picpq")
+
+
+def kd_objective(spec: DistillSpec, student: str = "distilled", teacher: str = "teacher"):
+    """Hinton KD for `student`; every other trained network (the control) gets plain CE."""
+    def objective(outputs, y, x):
+        losses = {f"{k}/{student}": v for k, v in hinton_kd(outputs[student], outputs[teacher], y, alpha=spec.alpha,
+                                                             temperature=spec.temperature).items()}
+        for name, z in outputs.items():
+            if name not in (student, teacher):
+                losses[f"ce/{name}"] = torch.nn.functional.cross_entropy(z.float(), y)
+        return losses
+    return objective
+
+
+def _control(ctx, spec: DistillSpec) -> bool:
+    """distill.control unset: on for the cheap protocols, off for `paper` (it doubles KD's cost)."""
+    return spec.control if spec.control is not None else ctx.recipe.protocol != "paper"
+
+
+@register_method("pqkd")
+def pqkd(ctx) -> None:
+    pspec = ctx.recipe.prune or PruneSpec()
+    qspec = ctx.recipe.quant or QuantSpec()   # defaults: LSQ W4A4, first/last layer 8 bits
+    dspec = ctx.recipe.distill or DistillSpec()
+    teacher = ctx.pretrained()
+
+    def record(name, net, val, stage):
+        row = ctx.record(f"pqkd/{name}", net, val, stage=stage)
+        if masks is not None:
+            row["nonzero_macs"] = cost.profile(net, ctx.input_size).nonzero_macs
+        return row
+
+    def keep(net):
+        return [KeepMasked(net, masks)] if masks is not None else []
+
+    # 1. prune + fine-tune
+    student, stage, masks, best = _prune(ctx, pspec)
+    record("pruned", student, _val(best, "student"), stage)
+
+    # 2. quantize + calibrate + QAT / centroid fine-tuning, CE only
+    quantize_(student, qspec)
+    calibrate(student, ctx.eval_loader("train"), num_batches=qspec.calib_batches)
+    if masks is not None:
+        check_zeros_kept(student, masks, qspec.method)
+    val = None
+    if qspec.mode == "qat":
+        best = ctx.train_stage("pqkd-quantize", {"student": student}, cfg=_cfg(ctx.recipe.train, qspec.epochs,
+                                                                                qspec.lr), callbacks=keep(student))
+        val = _val(best, "student")
+    quantized = record("quantized", student, val, "pqkd-quantize")
+
+    # 3. Hinton KD from the uncompressed teacher (frozen, eval), masks and quantizers in the loop;
+    #    the control trains a twin on the same batches with CE only
+    nets = {"distilled": student}
+    if _control(ctx, dspec):
+        nets["no-kd"] = copy.deepcopy(student)
+    best = ctx.train_stage("pqkd-distill", nets, kd_objective(dspec), cfg=_cfg(ctx.recipe.train, dspec.epochs, dspec.lr),
+                           frozen={"teacher": teacher}, callbacks=[cb for n in nets.values() for cb in keep(n)])
+    rows = {name: record(name, net, _val(best, name), "pqkd-distill") for name, net in nets.items()}
+    for name, row in rows.items():
+        row["gain_over_quantized"] = row["top1"] - quantized["top1"]
+    if "no-kd" in rows:
+        rows["distilled"]["gain_over_no_kd"] = rows["distilled"]["top1"] - rows["no-kd"]["top1"]
