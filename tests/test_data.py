@@ -776,3 +776,25 @@ def test_loader_drop_last_and_empty_set():
     assert len(empty) == 0 and list(empty) == []
     with pytest.raises(ValueError, match="mean/std need 3 values"):
         BatchLoader(data, 4, mean=(0.5,), std=(0.5,))
+
+
+def test_train_and_test_limits_keep_a_fixed_stratified_subset(tmp_path, capsys):
+    full = load_dataset("digits", val_fraction=0.1, seed=0)
+    a = load_dataset("digits", val_fraction=0.1, seed=0, train_limit=500, test_limit=100)
+    b = load_dataset("digits", val_fraction=0.1, seed=3, train_limit=500, test_limit=100)
+    assert abs(len(a.train) + len(a.val) - 500) <= 10 and abs(len(a.test) - 100) <= 10
+    assert len(a.test) < len(full.test) and len(a.train) < len(full.train)
+    # the same subset for every seed (only the validation split moves)
+    assert torch.equal(torch.sort(torch.cat([a.train.labels, a.val.labels])).values,
+                       torch.sort(torch.cat([b.train.labels, b.val.labels])).values)
+    assert torch.equal(a.test.images, b.test.images)
+    counts = torch.bincount(a.test.labels, minlength=10)
+    assert counts.min() >= 8                                        # stratified: every class present
+    # a run records the limits, and `tandem eval` re-creates the same test subset
+    from tandem.cli import main
+    out = tmp_path / "run"
+    assert main(["run", "method=baseline", "train.epochs=1", "dataset.test_limit=100", "train.progress=false",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert f"on {len(a.test)} images" in capsys.readouterr().out

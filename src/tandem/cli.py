@@ -131,7 +131,8 @@ def cmd_eval(ns) -> int:
         key = (spec["name"], root)
         if key not in cache:
             cache[key] = load_dataset(spec["name"], root, val_fraction=spec.get("val_fraction", 0.1),
-                                      seed=meta.get("seed", 0), **spec.get("options", {}))
+                                      seed=meta.get("seed", 0), train_limit=spec.get("train_limit"),
+                                      test_limit=spec.get("test_limit"), **spec.get("options", {}))
         data = cache[key]
         loader = BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device=device)
         result = evaluate(model.to(device), loader)

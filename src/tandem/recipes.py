@@ -39,6 +39,8 @@ class DatasetSpec(Section):
     name: str = "digits"
     root: Optional[str] = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    train_limit: Optional[int] = Field(None, ge=10)   # a fixed stratified subset of the training set
+    test_limit: Optional[int] = Field(None, ge=10)    # ... and of the test set (cpu-small runs)
     augment: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -42,7 +42,8 @@ class RunContext:
             if self.dist.is_main == turn:
                 self.data = load_dataset(recipe.dataset.name, recipe.dataset.root,
                                          val_fraction=recipe.dataset.val_fraction, seed=recipe.seed,
-                                         **recipe.dataset.options)
+                                         train_limit=recipe.dataset.train_limit,
+                                         test_limit=recipe.dataset.test_limit, **recipe.dataset.options)
             distributed.barrier()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.dist.is_main else None)
         self.results: list[dict] = []

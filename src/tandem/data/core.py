@@ -8,8 +8,9 @@ out of the training set and computes the normalisation statistics.
 
 from __future__ import annotations
 
+
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -167,6 +168,25 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     mean = mean / 255.0
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+_LIMIT_SEED = 0   # fixed: a limited dataset is the same subset for every run seed
+
+
+def limit_source(name: str, source: SourceData, train_limit: int | None, test_limit: int | None) -> SourceData:
+    """Keep a fixed stratified subset of about ``train_limit`` training and ``test_limit`` test
+    images (per class, rounded)."""
+    splits = {}
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        images = getattr(source, split)
+        if limit is None or limit >= len(images):
+            splits[split] = images
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise DataError(f"{name}: {split}_limit must be a positive integer, got {limit!r}")
+        kept, _ = stratified_split(images.labels, 1.0 - limit / len(images), _LIMIT_SEED)
+        splits[split] = images.subset(kept)
+    return replace(source, **splits)
 
 
 def make_splits(name: str, source: SourceData, *, val_fraction: float = 0.1, seed: int = 0) -> DataSplits:

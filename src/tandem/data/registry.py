@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError
-from .core import DataSplits, SourceData, make_splits
+from .core import DataSplits, SourceData, limit_source, make_splits
 
 __all__ = ["register_dataset", "list_datasets", "load_dataset", "dataset_options", "dataset_summary"]
 
@@ -95,12 +95,16 @@ def load_dataset(
     *,
     val_fraction: float = 0.1,
     seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
     **options: Any,
 ) -> DataSplits:
     """Load dataset ``name`` (from ``root`` where it needs files) as train / val / test splits.
 
     ``val_fraction`` of each class of the training set is held out as the
     validation split, chosen by ``seed``; the test split never depends on ``seed``.
+    ``train_limit`` / ``test_limit`` keep a fixed stratified subset of that many images of the
+    training / test set (the same for every seed; cpu-small runs on large datasets).
     ``options`` are the dataset's own (see :func:`dataset_options`).
     """
     entry = _entry(name)
@@ -112,4 +116,5 @@ def load_dataset(
         raise DataError(f"{entry.name}: needs a root (the folder or file holding the dataset); none was given")
     root_path = Path(root).expanduser() if root is not None else None
     source = entry.fn(root_path, **options)
+    source = limit_source(entry.name, source, train_limit, test_limit)
     return make_splits(entry.name, source, val_fraction=val_fraction, seed=seed)
