@@ -45,7 +45,7 @@ def _schedule(recipe, pruner: str) -> str:
     return "one_shot" if schedule == "soft" and pruner not in SOFT_PRUNERS else schedule
 
 
-def _run_folder(path: Path, recipe, methods=None, log=print) -> dict:
+def _run_folder(path: Path, recipe, log=print) -> dict:
     """Run (or resume) one folder; a finished one (results.json) is read, not run again."""
     from .recipes import dump_recipe
     from .runner import run
@@ -61,7 +61,7 @@ def _run_folder(path: Path, recipe, methods=None, log=print) -> dict:
     resume = path.exists() and any(path.iterdir())
     if resume:
         log(f"grid: {path.name} was interrupted; resuming it")
-    return run(recipe, path, resume=resume, methods=methods)
+    return run(recipe, path, resume=resume)
 
 
 def _peer(rows: dict, peer: str) -> dict:
@@ -98,10 +98,10 @@ def run_grid(recipe_path: str | None = None, pruners=DEFAULT_PRUNERS, quantizers
     pairs, base_row = [], None
     for p, q in tqdm(cells, desc="grid", unit="cell", disable=not progress, dynamic_ncols=True):
         cell = load_recipe(recipe_path, overrides + [
-            "method=mutual", f"model.checkpoint={checkpoint}", f"prune.criterion={p}",
+            "method=[independent,mutual]", f"model.checkpoint={checkpoint}", f"prune.criterion={p}",
             f"prune.schedule={_schedule(recipe, p)}", f"quant.method={q}"])
         cell.name = f"{recipe.name}-{p}-{q}"
-        results = _run_folder(out / f"{p}-{q}", cell, methods=["independent", "mutual"], log=log)
+        results = _run_folder(out / f"{p}-{q}", cell, log=log)
         rows = {r["name"]: r for r in results["models"]}
         pairs.append({"pruner": p, "quantizer": q, "schedule": cell.prune.schedule, "folder": f"{p}-{q}",
                       "pruned": _peer(rows, "pruned"), "quantized": _peer(rows, "quantized"),

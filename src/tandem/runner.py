@@ -147,17 +147,15 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
-        methods: list[str] | None = None) -> dict:
+def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> dict:
     """Run a validated recipe into `out`; returns the results dict also written to results.json.
 
-    `methods` (default: the recipe's one) run in turn on one RunContext, sharing its baseline
-    (e.g. `tandem grid` runs independent then mutual). Under torchrun this joins the process
-    group and trains with DDP on every rank."""
+    The recipe's methods (one, or a list) run in turn on one RunContext, sharing its baseline.
+    Under torchrun this joins the process group and trains with DDP on every rank."""
     from .methods import get_method
     from .report import write_report
 
-    steps = [get_method(name) for name in (methods or recipe.methods)]
+    steps = [get_method(name) for name in recipe.methods]
     dist_info = distributed.init_distributed(recipe.device)
     out_dir = Path(out) if out else distributed.on_rank0(lambda: default_out_dir(recipe))
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
@@ -173,7 +171,7 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
     for method in steps:
         method(ctx)
     results = {"recipe": recipe.model_dump(mode="json"), "protocol": recipe.protocol,
-               "methods": list(methods or recipe.methods),
+               "methods": recipe.methods,
                "models": ctx.results, "commit": git_commit(), "machine": machine(),
                "wall_time_s": time.perf_counter() - start, "device": str(ctx.device),
                "world_size": dist_info.world_size}
