@@ -68,6 +68,10 @@ class TrainSpec(Section):
     sync_bn: bool = True       # SyncBatchNorm under multi-GPU DDP (CUDA only; CPU ranks keep per-rank BN)
     progress: bool = True
 
+    def for_stage(self, epochs: Optional[int] = None, lr: Optional[float] = None) -> "TrainSpec":
+        """This schedule with a stage's own epochs / lr where the method's section gives them."""
+        return self.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
+
     @model_validator(mode="after")
     def _milestones_in_range(self):
         bad = [m for m in self.milestones if not 0 < m < self.epochs + 1]

@@ -42,8 +42,7 @@ def joint_cfg(ctx):
     """The joint phase's schedule: train: with mutual.epochs / mutual.lr where given (both
     methods use it, so the control gets exactly the same budget)."""
     ms = mutual_spec(ctx)
-    return ctx.recipe.train.model_copy(update={k: v for k, v in (("epochs", ms.epochs), ("lr", ms.lr))
-                                               if v is not None})
+    return ctx.recipe.train.for_stage(ms.epochs, ms.lr)
 
 
 def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:

@@ -37,11 +37,6 @@ def _val(best: dict, name: str) -> float | None:
     return v if v is not None and v >= 0 else None
 
 
-def _cfg(train, epochs, lr):
-    """`train:` with a section's epochs / lr where given."""
-    return train.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
-
-
 def _prune(ctx, spec: PruneSpec):
     """The `prune` method's pruning (`build_pruned`, stages `pqkd-*`) and its CE fine-tune.
     Returns (pruned net, its last stage, per-weight masks or None when structured, best)."""
@@ -114,8 +109,8 @@ def pqkd(ctx) -> None:
         check_zeros_kept(student, masks, qspec.method)
     val = None
     if qspec.mode == "qat":
-        best = ctx.train_stage("pqkd-quantize", {"student": student}, cfg=_cfg(ctx.recipe.train, qspec.epochs,
-                                                                                qspec.lr), callbacks=keep(student))
+        cfg = ctx.recipe.train.for_stage(qspec.epochs, qspec.lr)
+        best = ctx.train_stage("pqkd-quantize", {"student": student}, cfg=cfg, callbacks=keep(student))
         val = _val(best, "student")
     quantized = record("quantized", student, val, "pqkd-quantize")
 
@@ -124,7 +119,8 @@ def pqkd(ctx) -> None:
     nets = {"distilled": student}
     if _control(ctx, dspec):
         nets["no-kd"] = copy.deepcopy(student)
-    best = ctx.train_stage("pqkd-distill", nets, kd_objective(dspec), cfg=_cfg(ctx.recipe.train, dspec.epochs, dspec.lr),
+    cfg = ctx.recipe.train.for_stage(dspec.epochs, dspec.lr)
+    best = ctx.train_stage("pqkd-distill", nets, kd_objective(dspec), cfg=cfg,
                            frozen={"teacher": teacher}, callbacks=[cb for n in nets.values() for cb in keep(n)])
     rows = {name: record(name, net, _val(best, name), "pqkd-distill") for name, net in nets.items()}
     for name, row in rows.items():

@@ -35,8 +35,7 @@ def _batches(ctx, n):
 
 def finetune_cfg(ctx, spec: PruneSpec):
     """train: with the prune section's fine-tune epochs / lr where given."""
-    return ctx.recipe.train.model_copy(update={k: v for k, v in (("epochs", spec.finetune_epochs),
-                                                                 ("lr", spec.finetune_lr)) if v is not None})
+    return ctx.recipe.train.for_stage(spec.finetune_epochs, spec.finetune_lr)
 
 
 @dataclass

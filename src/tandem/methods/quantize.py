@@ -34,7 +34,5 @@ def quantize(ctx) -> None:
     if spec.mode == "ptq":
         ctx.record(name, net)
         return
-    updates = {k: v for k, v in (("epochs", spec.epochs), ("lr", spec.lr)) if v is not None}
-    cfg = ctx.recipe.train.model_copy(update=updates)
-    best = ctx.train_stage("qat", {name: net}, cfg=cfg)
+    best = ctx.train_stage("qat", {name: net}, cfg=ctx.recipe.train.for_stage(spec.epochs, spec.lr))
     ctx.record(name, net, best[name]["val_top1"])
