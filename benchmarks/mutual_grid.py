@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--quantizers", nargs="+", default=list(DEFAULT_QUANTIZERS))
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-mutual-grid"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="suffix of the results file, for a variant of the default protocol")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -108,7 +109,7 @@ def main():
                 f"{args.joint_lr} cosine, batch 128; mutual = CE + KL(peer || self) at T=1, simultaneous updates; "
                 f"independent = CE only. Best-by-validation epoch, test top-1. Spread = max - min over seeds. CPU, "
                 f"{args.threads} thread(s), fp32; the machine was shared with other agents' jobs.")
-    path = write_result("mutual_grid-fashion-mnist", {
+    path = write_result("mutual_grid-fashion-mnist" + (f"-{args.tag}" if args.tag else ""), {
         "protocol": protocol, "seeds": args.seeds, "wall_time_s": round(time.perf_counter() - start, 1),
         "overall": overall, "where_mutual_did_not_help": not_helped, "summary": summary,
         "baselines": {s: grids[s]["baseline"] for s in args.seeds},

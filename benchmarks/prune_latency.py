@@ -7,8 +7,8 @@ scales drawn from U(0.2, 1) so bn_scale has something to rank) and HRank sees ra
 All models are timed in one process, interleaved repetition by repetition; the median is
 reported. Every model is timed eager and with BN folded into its convs (as a deployed model runs).
 tandem prunes the residual streams too (the option-A shortcut's channel map follows the removed
-channels); one row keeps them whole (block-internal channels only, as the FPGM/HRank papers
-prune ResNet-56) to show what that costs in speed.
+channels); one row keeps them whole (block-internal channels only, as PFEC prunes ResNet-56)
+to show what that costs in speed.
 Usage: python benchmarks/prune_latency.py [--reps 15] [--threads 1]
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main():
     models["l1 (layer: every criterion gives these widths)"] = prune(dense, x1, "l1", macs_target=args.target,
                                                                    scope="layer").eval()
     setup["l1 (layer: every criterion gives these widths)"] = time.perf_counter() - start
-    start = time.perf_counter()   # the FPGM/HRank papers' convention: residual streams kept whole
+    start = time.perf_counter()   # PFEC's convention (methods.md §6.5): residual streams kept whole
     models[INTERNAL] = prune(dense, x1, "l1", macs_target=args.target, scope="layer", ignore=INTERNAL_IGNORE).eval()
     setup[INTERNAL] = time.perf_counter() - start
     tp_model, tp_version = torch_pruning_reference(dense, x1, args.target)

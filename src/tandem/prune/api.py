@@ -82,7 +82,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
     ``scope='global'``); ``macs_target``: fraction of MACs that remain (0.5 = half). ``data``:
     batches for data-driven criteria (hrank); default: the example input. ``ignore``: globs of
     layer names whose output channels are left whole (e.g. ``["stem.0", "*.conv2"]`` keeps a
-    ResNet's residual streams, as the FPGM/HRank papers do). A built-in model comes back as
+    ResNet's residual streams, as PFEC prunes ResNet-56). A built-in model comes back as
     ``create_model(name, widths=...)`` with the kept weights.
 
     ``criterion='magnitude'`` is unstructured: the model keeps its shape, the smallest weights
