@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
-from prune_accuracy import DATA, ROOT, _recipe  # noqa: E402  (also registers fashion-mnist-subset)
+from prune_accuracy import ROOT, _recipe, subset_recipe  # noqa: E402  (also registers fashion-mnist-subset)
 
 import tandem  # noqa: E402
 
@@ -64,10 +64,7 @@ def main():
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    common = {"model": "small_cnn", "protocol": "cpu-small",
-              "dataset": {"name": "fashion-mnist-subset", "root": str(DATA), "val_fraction": 0.1,
-                          "options": {"train_size": args.train_size, "test_size": args.test_size}},
-              "train": {"epochs": args.base_epochs, "batch_size": 128, "lr": args.lr, "progress": False}}
+    common = subset_recipe(args, args.base_epochs, args.lr)
     rows, start = [], time.perf_counter()
     for seed in args.seeds:
         base_dir = out / f"baseline-s{seed}"

@@ -48,6 +48,14 @@ def fashion_mnist_subset(root: Path, *, train_size: int = 4000, test_size: int =
     return src
 
 
+def subset_recipe(args, base_epochs: int, lr: float) -> dict:
+    """The recipe fields shared by the Fashion-MNIST-subset benchmarks (small CNN, cpu-small)."""
+    return {"model": "small_cnn", "protocol": "cpu-small",
+            "dataset": {"name": "fashion-mnist-subset", "root": str(DATA), "val_fraction": 0.1,
+                        "options": {"train_size": args.train_size, "test_size": args.test_size}},
+            "train": {"epochs": base_epochs, "batch_size": 128, "lr": lr, "progress": False}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -64,10 +72,7 @@ def main():
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    common = {"model": "small_cnn", "protocol": "cpu-small",
-              "dataset": {"name": "fashion-mnist-subset", "root": str(DATA), "val_fraction": 0.1,
-                          "options": {"train_size": args.train_size, "test_size": args.test_size}},
-              "train": {"epochs": args.base_epochs, "batch_size": 128, "lr": 0.05, "progress": False}}
+    common = subset_recipe(args, args.base_epochs, 0.05)
     rows, start = [], time.perf_counter()
     for seed in args.seeds:
         base_dir = out / f"baseline-s{seed}"
