@@ -329,8 +329,9 @@ class ActQuantizer(Quantizer):
 
 
 def _grad_where_above(g: torch.Tensor, c: torch.Tensor, t) -> torch.Tensor:
-    """g where c > t, else 0. A float threshold uses ReLU's fused backward kernel, about 5x
-    faster on CPU than building a bool mask; a tensor threshold stays on its device."""
+    """g where c > t, else 0. A float threshold uses ReLU's fused backward kernel, which on CPU
+    avoids building bool masks (the QAT step benchmark: PACT 1.56x -> 1.19x the FP step); a
+    tensor threshold stays on its device."""
     if torch.is_tensor(t):
         return torch.where(c > t, g, 0)
     return torch.ops.aten.threshold_backward(g, c, t)
