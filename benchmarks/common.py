@@ -6,14 +6,43 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
+
+from typing import Callable
 
 from tandem.provenance import git_commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _LOAD_AT_START = os.getloadavg()
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, calls: int = 1,
+                      log: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each fn, once per round, the order rotating from round to round, so a
+    slow patch of a shared machine hits every fn alike (compare fns within a round)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[n]()
+            times[n].append((time.perf_counter() - start) / calls)
+        if log:
+            print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names), flush=True)
+    return times
+
+
+def round_ratios(times: dict[str, list[float]], ref: str, name: str) -> list[float]:
+    """times[name] / times[ref], round by round."""
+    return [t / f for t, f in zip(times[name], times[ref])]
+
+
+def median_ratio(times: dict[str, list[float]], ref: str, name: str) -> float:
+    return statistics.median(round_ratios(times, ref, name))
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from common import write_result
+from common import interleaved_times, median_ratio, write_result
 from tandem.distill.spec import MutualSpec
 from tandem.engine import Trainer, cross_entropy_objective
 from tandem.engine.optim import build_scheduler
@@ -60,24 +59,18 @@ def main() -> None:
             "mutual": trainer({"pruned": pruned, "quantized": quantized}, dml_objective(MutualSpec()), cfg)}
     for t in runs.values():                                 # warm-up
         t._simultaneous_step(x, y)
-    times = {c: [] for c in runs}
-    for r in range(a.rounds):
-        for c in (("fp", "mutual") if r % 2 == 0 else ("mutual", "fp")):
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                runs[c]._simultaneous_step(x, y)
-            times[c].append((time.perf_counter() - t0) / a.steps)
-        print(f"round {r + 1}: fp {times['fp'][-1] * 1e3:.0f} ms, mutual {times['mutual'][-1] * 1e3:.0f} ms", flush=True)
+    times = interleaved_times({c: (lambda t=t: t._simultaneous_step(x, y)) for c, t in runs.items()},
+                              a.rounds, a.steps)
     med = {c: statistics.median(v) for c, v in times.items()}
     ratio = med["mutual"] / med["fp"]
-    per_round = statistics.median(m / f for m, f in zip(times["mutual"], times["fp"]))
+    per_round = median_ratio(times, "fp", "mutual")
     path = write_result("mutual_step-resnet20-cpu", {
         "protocol": f"ResNet-20, batch {a.batch_size}, 3x32x32 random input, CPU fp32, torch threads {a.threads}. "
                     f"Mutual step = tandem's Trainer step with the mutual method's DML objective (simultaneous): "
                     f"P = L1-pruned to {macs_ratio:.1%} of the MACs, Q = LSQ W4A4 (first/last 8-bit), forward of both, "
                     f"CE + KL(peer||self) each, one backward, two SGD steps. FP step = the same engine step of the "
                     f"unpruned FP ResNet-20 with CE. {a.rounds} interleaved rounds of {a.steps} steps; ratio of the "
-                    f"medians. Absolute times vary with the machine's load (shared with other agents).",
+                    f"medians. Absolute times vary with the machine's load; the ratios are the result.",
         "target": f"mutual step <= {TARGET}x FP step of the larger peer",
         "median_step_ms": {c: round(v * 1e3, 1) for c, v in med.items()},
         "ratio_of_medians": round(ratio, 3), "median_of_round_ratios": round(per_round, 3),

@@ -13,7 +13,6 @@ import argparse
 import collections
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from common import write_result
+from common import interleaved_times, median_ratio, write_result
 from tandem.export import export_onnx
 from tandem.models import create_model
 from tandem.quant import calibrate, quantize_
@@ -69,17 +68,10 @@ def main() -> None:
         runs = max(1, 64 // batch)
         for s in sessions.values():
             s.run(None, {"input": inp})
-        times = {n: [] for n in sessions}
-        for r in range(a.rounds):
-            names = list(sessions)
-            for n in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                for _ in range(runs):
-                    sessions[n].run(None, {"input": inp})
-                times[n].append((time.perf_counter() - t0) / runs)
+        times = interleaved_times({n: (lambda s=s: s.run(None, {"input": inp})) for n, s in sessions.items()},
+                                  a.rounds, runs, log=False)
         results[f"batch{batch}"] = {n: {"median_ms": round(statistics.median(t) * 1e3, 3),
-                                        "ratio_to_fp32": round(statistics.median(
-                                            ti / tf for ti, tf in zip(t, times["fp32"])), 3)}
+                                        "ratio_to_fp32": round(median_ratio(times, "fp32", n), 3)}
                                     for n, t in times.items()}
         print(batch, results[f"batch{batch}"], flush=True)
     path = write_result("quant_onnx_latency-resnet20-cpu", {

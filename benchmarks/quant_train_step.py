@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import write_result
+from common import interleaved_times, median_ratio, round_ratios, write_result
 from tandem.models import create_model
 from tandem.quant import calibrate, quantize_
 
@@ -54,20 +53,11 @@ def main() -> None:
     nets = {c: build(c, x) for c in configs}
     for c in configs:                                   # warm-up
         step(*nets[c], x, y)
-    times = {c: [] for c in configs}
-    for r in range(a.rounds):
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
-        for c in order:
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step(*nets[c], x, y)
-            times[c].append((time.perf_counter() - t0) / a.steps)
-        print(f"round {r + 1}: " + ", ".join(f"{c} {times[c][-1] * 1e3:.0f} ms" for c in configs), flush=True)
-    fp = times["fp"]
+    times = interleaved_times({c: (lambda c=c: step(*nets[c], x, y)) for c in configs}, a.rounds, a.steps)
     result = {c: {"median_step_ms": round(statistics.median(times[c]) * 1e3, 1),
-                  "ratio_to_fp_median": round(statistics.median(t / f for t, f in zip(times[c], fp)), 3),
-                  "ratio_min": round(min(t / f for t, f in zip(times[c], fp)), 3),
-                  "ratio_max": round(max(t / f for t, f in zip(times[c], fp)), 3)} for c in configs}
+                  "ratio_to_fp_median": round(median_ratio(times, "fp", c), 3),
+                  "ratio_min": round(min(round_ratios(times, "fp", c)), 3),
+                  "ratio_max": round(max(round_ratios(times, "fp", c)), 3)} for c in configs}
     path = write_result("quant_train_step-resnet20-cpu", {
         "protocol": f"ResNet-20, batch {a.batch_size}, 3x32x32 random input, W4A4 (first/last layer 8-bit min-max), "
                     f"per-tensor weights; one step = forward + CE + backward + SGD(momentum, wd); {a.rounds} "
