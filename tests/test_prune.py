@@ -326,7 +326,7 @@ def test_soft_pruning_zeroes_filters_that_then_regrow():
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     pruner = ChannelPruner(model, x[:1], "l2", ratio=0.5)
     soft = SoftPruning(pruner)
-    soft.on_epoch_end(_FakeTrainer(model), 1)
+    soft.before_validation(_FakeTrainer(model), 1)
     removed = soft._last
     conv = model.features[0][0]
     zeroed = removed["features.0.0"]
@@ -340,6 +340,27 @@ def test_soft_pruning_zeroes_filters_that_then_regrow():
     assert grown[beta > 0].all() and grown.any()
     final = pruner.apply(pruner.plan())
     assert final.config["widths"] == [8, 16, 32]
+
+
+@pytest.mark.parametrize("zero_bn", [False, True])
+def test_soft_pruning_zeroes_before_validation_so_the_selected_state_is_zeroed(zero_bn):
+    from tandem.data import BatchLoader, load_dataset
+    from tandem.engine import Trainer, cross_entropy_objective
+    from tandem.recipes import TrainSpec
+
+    torch.manual_seed(0)
+    data = load_dataset("digits", val_fraction=0.2, seed=0)
+    train = BatchLoader(data.train, 64, shuffle=True, mean=data.mean, std=data.std, seed=0)
+    val = BatchLoader(data.val, 256, mean=data.mean, std=data.std)
+    model = create_model("small_cnn", in_channels=1)
+    soft = SoftPruning(ChannelPruner(model, torch.zeros(1, 1, 8, 8), "l2", ratio=0.5), zero_bn=zero_bn)
+    best = Trainer({"net": model}, cross_entropy_objective, TrainSpec(epochs=2, lr=0.05, progress=False),
+                   callbacks=[soft]).fit(train, val)
+    assert sorted(soft.by_epoch) == [1, 2]
+    zeroed = soft.by_epoch[best["net"]["epoch"]]["features.0.0"]
+    conv, bn = model.features[0][0], model.features[0][1]
+    assert conv.weight[zeroed].abs().sum() == 0            # the state selected by validation is the zeroed one
+    assert (bn.weight[zeroed].abs().sum() == 0) == zero_bn and (bn.bias[zeroed].abs().sum() == 0) == zero_bn
 
 
 def test_slimming_penalty_adds_the_l1_subgradient():

@@ -11,8 +11,9 @@ after another, each on the terms named `<term>/<its name>`, with the predictions
 after every update.
 
 Methods plug in through the objective and through callbacks (objects with any of
-`after_backward(trainer)`, `after_step(trainer)`, `on_epoch_end(trainer, epoch)`), never by
-writing another loop. The trainer owns devices, mixed precision, checkpoints, best-by-val
+`after_backward(trainer)`, `after_step(trainer)`, `before_validation(trainer, epoch)` (the
+epoch's training is done, its validation not yet: what is changed here is what validation and
+best-by-val selection see), `on_epoch_end(trainer, epoch)`), never by writing another loop. The trainer owns devices, mixed precision, checkpoints, best-by-val
 selection, progress bars and the metrics log.
 """
 from __future__ import annotations
@@ -254,6 +255,7 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
             losses = self.train_epoch(train_loader)
+            self._hook("before_validation", self.epoch + 1)
             train_time = time.perf_counter() - start
             record = {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step, "train_time": train_time,
                       "lr": next(iter(self.optimizers.values())).param_groups[0]["lr"], **losses}

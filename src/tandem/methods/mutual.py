@@ -23,9 +23,8 @@ import torch.nn as nn
 from .. import cost
 from ..distill import FeatureTap, HintLoss, kl_divergence, mutual_losses
 from ..distill.spec import MutualSpec
-from ..engine.distributed import on_rank0
 from ..errors import RecipeError
-from ..prune import PruneSpec, SoftPruning
+from ..prune import PruneSpec
 from ..quant import QuantSpec
 from . import register_method
 from .prune import PrunedNet, build_pruned
@@ -47,7 +46,9 @@ def joint_cfg(ctx):
 
 def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
     """P (pruned by the recipe's `prune:` section) and Q (quantized by its `quant:` section)."""
-    p = build_pruned(ctx, ctx.recipe.prune or PruneSpec(), prefix="peers-")
+    # soft schedule: no fine-tune follows the removal, so the zeroed network must evaluate as
+    # the removed one will (SoftPruning.zero_bn); the channels removed are those of the best epoch
+    p = build_pruned(ctx, ctx.recipe.prune or PruneSpec(), prefix="peers-", soft_zero_bn=True)
     q = build_quantized(ctx, ctx.recipe.quant or QuantSpec())
     return p, q
 
@@ -102,60 +103,11 @@ def dml_objective(ms: MutualSpec, teacher: str | None = None, hints=None):
     return objective
 
 
-class SoftPruningBeforeVal(SoftPruning):
-    """SFP within the joint phase, in SFP's own order: the filters are zeroed after the last step
-    of each epoch, *before* validation, so the best-by-validation state is a zeroed network, and
-    the channels zeroed at each epoch are kept so that exactly those are removed at the end
-    (there is no fine-tune after the joint phase to repair a different choice)."""
-
-    def __init__(self, pruner, steps_per_epoch: int):
-        super().__init__(pruner)
-        self.steps_per_epoch = max(1, steps_per_epoch)
-        self.by_epoch: dict[int, dict] = {}
-
-    def on_epoch_end(self, trainer, epoch: int) -> None:
-        pass
-
-    @torch.no_grad()
-    def after_step(self, trainer) -> None:
-        if trainer.step % self.steps_per_epoch == 0:
-            epoch = trainer.step // self.steps_per_epoch
-            super().on_epoch_end(trainer, epoch)
-            self.by_epoch[epoch] = self._last
-            # the BN after a zeroed filter too: otherwise its running mean turns the zero into a
-            # large constant at evaluation; gamma and beta still get gradients, so it can regrow
-            graph = self.pruner.graph
-            for group in graph.groups:
-                idx = self._last.get(group.name)
-                for m in group.of_kind("bn") if idx is not None and len(idx) else ():
-                    bn = graph.module(m.module)
-                    if bn.affine:
-                        rows = idx.to(bn.weight.device) + m.offset
-                        bn.weight[rows] = 0
-                        bn.bias[rows] = 0
-
-
-def peer_callbacks(ctx, p: PrunedNet, cfg) -> list:
-    """P's callbacks for the joint phase (the soft schedule: SoftPruningBeforeVal)."""
-    if p.pruner is None:
-        return p.callbacks
-    return [SoftPruningBeforeVal(p.pruner, len(ctx.train_loader(cfg)))]
-
-
-def _finish_pruned(p: PrunedNet, callbacks: list, best_epoch: int) -> nn.Module:
-    """Soft: remove the channels zeroed in the selected epoch's state (re-planned when the stage
-    was loaded from an earlier run); otherwise P as it is."""
-    if p.pruner is None:
-        return p.net
-    removed = next((cb.by_epoch.get(best_epoch) for cb in callbacks if isinstance(cb, SoftPruningBeforeVal)), None)
-    return p.pruner.apply(removed if removed is not None else on_rank0(p.pruner.plan))
-
-
-def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict, callbacks: list) -> None:
+def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> None:
     def val(name):
         v = best[name]["val_top1"]
         return v if v is not None and v >= 0 else None
-    p_net = _finish_pruned(p, callbacks, best["pruned"]["epoch"])
+    p_net = p.finish(best["pruned"]["epoch"])
     # soft: the removal changes the network (BN shifts of removed channels), so measure val again
     row = ctx.record(f"{method}/pruned", p_net, None if p.pruner is not None else val("pruned"),
                      stage=f"{method}-joint")
@@ -176,14 +128,13 @@ def mutual(ctx) -> None:
         p_train = WithAdapters(p.net, modules)
     frozen = {"teacher": ctx.pretrained()} if ms.kd_weight > 0 else None   # given back unfrozen after the stage
     cfg = joint_cfg(ctx)
-    callbacks = peer_callbacks(ctx, p, cfg)
     best = ctx.train_stage("mutual-joint", {"pruned": p_train, "quantized": q},
                            dml_objective(ms, "teacher" if frozen else None, hints), cfg=cfg,
-                           frozen=frozen, callbacks=callbacks, update=ms.update)
+                           frozen=frozen, callbacks=p.callbacks, update=ms.update)
     if hints is not None:
         hints[0].remove()
         hints[1].remove()
-    _record_peers(ctx, "mutual", p, q, best, callbacks)
+    _record_peers(ctx, "mutual", p, q, best)
 
 
 @register_method("independent")
@@ -192,6 +143,5 @@ def independent(ctx) -> None:
     with cross-entropy alone (one stage, own optimisers: no term couples them)."""
     p, q = build_peers(ctx)
     cfg = joint_cfg(ctx)
-    callbacks = peer_callbacks(ctx, p, cfg)
-    best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=callbacks)
-    _record_peers(ctx, "independent", p, q, best, callbacks)
+    best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=p.callbacks)
+    _record_peers(ctx, "independent", p, q, best)

@@ -43,7 +43,7 @@ def _prune(ctx, spec: PruneSpec):
     p = build_pruned(ctx, spec, prefix="pqkd-")
     best = ctx.train_stage(p.stage, {"student": p.net}, cfg=p.cfg, callbacks=p.callbacks)
     masks = next(cb.masks for cb in p.callbacks if isinstance(cb, KeepMasked)) if p.unstructured else None
-    net, stage = p.finish(), p.stage
+    net, stage = p.finish(best["student"]["epoch"]), p.stage
     if p.pruner is not None:   # soft: zero-and-regrow above, then fine-tune the smaller network
         stage = "pqkd-finetune"
         best = ctx.train_stage(stage, {"student": net}, cfg=finetune_cfg(ctx, spec))

@@ -52,16 +52,22 @@ class PrunedNet:
     pruner: ChannelPruner | None = None             # soft schedule only
     unstructured: bool = False
 
-    def finish(self) -> torch.nn.Module:
-        """The network to record: soft pruning's zeroed filters removed; otherwise `net`."""
+    def finish(self, best_epoch: int | None = None) -> torch.nn.Module:
+        """The network to record: soft pruning's zeroed filters removed (those zeroed after
+        `best_epoch`, the state the stage selected; re-planned when the stage was loaded from an
+        earlier run); otherwise `net`."""
         if self.pruner is None:
             return self.net
-        return self.pruner.apply(on_rank0(self.pruner.plan))
+        soft = next(cb for cb in self.callbacks if isinstance(cb, SoftPruning))
+        removed = soft.by_epoch.get(best_epoch)
+        return self.pruner.apply(removed if removed is not None else on_rank0(self.pruner.plan))
 
 
-def build_pruned(ctx, spec: PruneSpec, prefix: str = "") -> PrunedNet:
+def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False) -> PrunedNet:
     """Prune a copy of `ctx.pretrained()` by `spec`; the stages before the last one run here
-    (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run."""
+    (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run.
+    `soft_zero_bn`: the soft schedule also zeroes the BN of the zeroed filters, for a caller
+    that records the removed network without fine-tuning it (SoftPruning.zero_bn)."""
     base = ctx.pretrained()
     net = copy.deepcopy(base)
     train = ctx.recipe.train
@@ -93,7 +99,7 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "") -> PrunedNet:
     if spec.schedule == "soft":
         pruner = ChannelPruner(net, example, spec.criterion, **target, data=data, **options)
         cfg = finetune.model_copy(update={"epochs": spec.soft_epochs})
-        return PrunedNet(net, f"{prefix}soft", cfg, [SoftPruning(pruner)], pruner=pruner)
+        return PrunedNet(net, f"{prefix}soft", cfg, [SoftPruning(pruner, zero_bn=soft_zero_bn)], pruner=pruner)
 
     steps = spec.steps if spec.schedule == "iterative" else 1
     for k in range(1, steps + 1):
@@ -119,7 +125,7 @@ def prune_method(ctx) -> None:
         row = ctx.record("pruned", p.net, _val(best))
         row["nonzero_macs"] = cost.profile(p.net, ctx.input_size).nonzero_macs
         return
-    net = p.finish()
+    net = p.finish(best["pruned"]["epoch"])
     if p.pruner is not None:   # soft: the zero-and-regrow stage above, then a fine-tune of the smaller net
         best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune_cfg(ctx, spec))
     ctx.record("pruned", net, _val(best))

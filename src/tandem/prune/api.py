@@ -53,8 +53,8 @@ class ChannelPruner:
     def plan(self) -> Removed:
         return select(self.graph, self.scores(), **self.options)
 
-    def mask(self, removed: Removed, soft: bool = False) -> None:
-        zero_channels(self.graph, removed, soft=soft)
+    def mask(self, removed: Removed, soft: bool = False, bn: bool | None = None) -> None:
+        zero_channels(self.graph, removed, soft=soft, bn=bn)
 
     def apply(self, removed: Removed, inplace: bool = False) -> nn.Module:
         return apply_removal(self.graph, removed, inplace=inplace)

@@ -21,7 +21,10 @@ from .select import Removed
 
 
 @torch.no_grad()
-def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False) -> None:
+def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False, bn: bool | None = None) -> None:
+    """``bn`` (default: not soft) zeroes the BN scale and shift too; a soft mask with ``bn=True``
+    still regrows (nothing holds it) but evaluates as removed (BN's shift is 0 as well)."""
+    bn = not soft if bn is None else bn
     for group in graph.groups:
         idx = removed.get(group.name)
         if idx is None or len(idx) == 0:
@@ -40,7 +43,7 @@ def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False) -> 
                 mod.weight[rows] = 0
                 if getattr(mod, "bias", None) is not None and not soft:
                     mod.bias[rows] = 0
-            elif m.kind == "bn" and not soft and mod.affine:
+            elif m.kind == "bn" and bn and mod.affine:
                 mod.weight[rows] = 0
                 mod.bias[rows] = 0
 

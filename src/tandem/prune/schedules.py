@@ -1,7 +1,7 @@
 """Engine callbacks that prune while training, and the iterative schedule's step targets.
 
 - SlimmingPenalty: network slimming's L1 on BN scales, as a subgradient after backward (§6.4).
-- SoftPruning: SFP/FPGM, zero the weakest filters at every epoch end and let them regrow (§6.6).
+- SoftPruning: SFP/FPGM, zero the weakest filters after every epoch and let them regrow (§6.6).
 - KeepMasked: unstructured masks held on weights and gradients while fine-tuning (Han et al.).
 """
 from __future__ import annotations
@@ -28,24 +28,28 @@ class SlimmingPenalty:
 
 
 class SoftPruning:
-    """At each epoch end re-score with the pruner's criterion and zero the selected filters
-    (soft: BN and gradients untouched, so they can regrow). ``history`` keeps, per epoch, the
-    number of zeroed channels and how many of them were zeroed at the previous epoch too."""
+    """After each epoch's training, before its validation (SFP's order: the network validated and
+    selected is the zeroed one), re-score with the pruner's criterion and zero the selected
+    filters (soft: gradients untouched, so they regrow). ``zero_bn`` zeroes their BN scale and
+    shift too, so the zeroed network evaluates as the removed one would (needed when no
+    fine-tune follows the removal). ``by_epoch[e]`` is what was zeroed after epoch e;
+    ``history`` counts, per epoch, the zeroed channels and how many were zeroed the epoch before."""
 
-    def __init__(self, pruner, every: int = 1):
-        self.pruner, self.every = pruner, every
+    def __init__(self, pruner, every: int = 1, zero_bn: bool = False):
+        self.pruner, self.every, self.zero_bn = pruner, every, zero_bn
         self.history: list[dict] = []
+        self.by_epoch: dict[int, dict] = {}
         self._last: dict = {}
 
-    def on_epoch_end(self, trainer, epoch: int) -> None:
+    def before_validation(self, trainer, epoch: int) -> None:
         if epoch % self.every:
             return
         removed = on_rank0(self.pruner.plan)   # the same channels on every DDP rank
-        self.pruner.mask(removed, soft=True)
+        self.pruner.mask(removed, soft=True, bn=self.zero_bn)
         same = sum(len(set(v.tolist()) & set(self._last.get(k, torch.tensor([])).tolist()))
                    for k, v in removed.items())
         self.history.append({"epoch": epoch, "zeroed": sum(len(v) for v in removed.values()), "same_as_before": same})
-        self._last = removed
+        self.by_epoch[epoch] = self._last = removed
 
 
 class KeepMasked:
