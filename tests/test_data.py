@@ -798,3 +798,15 @@ def test_train_and_test_limits_keep_a_fixed_stratified_subset(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     assert f"on {len(a.test)} images" in capsys.readouterr().out
+
+
+def test_fashion_mnist_augmentation_options_and_mnist_has_no_flip(tmp_path):
+    write_mnist(tmp_path / "m")
+    assert not load_dataset("fashion-mnist", tmp_path / "m").augment.active   # default: none
+    f = load_dataset("fashion-mnist", tmp_path / "m", crop_padding=2, hflip=True)
+    assert f.augment == Augment(crop_padding=2, hflip=True)
+    assert load_dataset("mnist", tmp_path / "m", crop_padding=2).augment == Augment(crop_padding=2)
+    with pytest.raises(DataError, match="unknown option.*hflip"):
+        load_dataset("mnist", tmp_path / "m", hflip=True)         # a flip changes a digit
+    with pytest.raises(DataError, match="fashion-mnist: option crop_padding"):
+        load_dataset("fashion-mnist", tmp_path / "m", crop_padding=-1)

@@ -101,3 +101,12 @@ def test_feature_tap_and_hint_loss():
     assert isinstance(HintLoss(8, 8).adapter, nn.Identity)
     with pytest.raises(TandemError, match="no module named 'nope'"):
         FeatureTap(student, ["nope"])
+
+
+def test_mutual_per_peer_kl_weights():
+    y = torch.tensor([0, 1])
+    one = mutual_losses({"P": S, "Q": T}, y)
+    out = mutual_losses({"P": S, "Q": T}, y, kl_weight={"P": 0.25, "Q": 2.0})
+    assert out["kl/P"].item() == pytest.approx(0.25 * one["kl/P"].item())
+    assert out["kl/Q"].item() == pytest.approx(2.0 * one["kl/Q"].item())
+    assert out["ce/P"].item() == one["ce/P"].item()

@@ -162,3 +162,33 @@ def test_grid_soft_schedule_goes_to_the_soft_methods_only():
     soft = load_recipe(None, ["prune.schedule=soft"])
     assert [_schedule(soft, p) for p in ("fpgm", "l1", "hrank")] == ["soft", "one_shot", "one_shot"]
     assert _schedule(load_recipe(None, ["prune.schedule=iterative"]), "hrank") == "iterative"
+
+
+def test_peers_from_scratch_record_no_baseline_and_refuse_random_weight_ranking(tmp_path, one_thread, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "method=[independent,mutual]", "mutual.init=scratch",
+                 "mutual.kl_weight={pruned: 0.5, quantized: 1.0}", "mutual.kl_rampup_epochs=1",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in results["models"]]
+    assert names == ["independent/pruned", "independent/quantized", "mutual/pruned", "mutual/quantized"]
+    assert not (out / "stages" / "baseline").exists()          # nothing was pretrained
+    assert results["recipe"]["mutual"]["init"] == "scratch"
+    for bad in (["prune.scope=global"], ["prune.schedule=iterative"]):
+        assert main(["run", *TINY, "method=mutual", "mutual.init=scratch", *bad, "--out", str(tmp_path / "x")]) == 2
+        assert "mutual.init = 'scratch'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_kl_ramp_rises_linearly_with_steps_and_resumes_from_the_step_count():
+    from tandem.methods.mutual import KLRamp
+
+    class T:
+        steps_per_epoch = 10
+    ramp, t = KLRamp(2.0), T()
+    seen = []
+    for t.step in (0, 5, 10, 20, 35):
+        ramp.before_step(t)
+        seen.append(ramp.factor)
+    assert seen == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert KLRamp(0).factor == 1.0

@@ -320,7 +320,9 @@ def test_quantize_method_qat_and_ptq_end_to_end(tmp_path, capsys):
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
     base, q = rows["baseline"], rows["lsq-w4a4"]
     assert q["top1"] > 80 and q["bops"] < base["bops"] / 10 and q["bytes"] < base["bytes"] / 4
-    assert (q["w_bits"], q["a_bits"]) == ("mixed", "mixed")                 # 8-bit first/last, 4 elsewhere
+    # 8-bit first/last, 4 elsewhere: the row's bits are MAC-weighted means of its layers
+    assert sorted({layer["w_bits"] for layer in q["layers"]}) == [4, 8] and 4 < q["w_bits"] < 8 and 4 < q["a_bits"] < 8
+    assert q["w_bits"] == round(sum(layer["macs"] * layer["w_bits"] for layer in q["layers"]) / q["macs"], 2)
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     assert f"lsq-w4a4.safetensors: test top-1 {q['top1']:.2f}%" in capsys.readouterr().out

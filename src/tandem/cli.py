@@ -35,17 +35,87 @@ def _launch_torchrun(ns, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _seeds(ns, overrides: list[str]) -> list[int] | None:
+    """--seeds as whole numbers, each once; the seed= override would contradict them."""
+    from .recipes import parse_overrides
+
+    if ns.seeds is None:
+        return None
+    seeds = []
+    for text in ns.seeds:
+        try:
+            seed = int(text)
+        except ValueError:
+            raise TandemError(f"--seeds: {text!r} is not a seed (a whole number >= 0); "
+                              f"put key=value overrides before --seeds") from None
+        if seed < 0:
+            raise TandemError(f"--seeds: seed {seed} is negative; seeds are whole numbers >= 0")
+        if seed in seeds:
+            raise TandemError(f"--seeds: seed {seed} is given twice")
+        seeds.append(seed)
+    if any(key == "seed" for key, _ in parse_overrides(overrides)):
+        raise TandemError("--seeds sets the seed of each run; drop the seed= override")
+    if (getattr(ns, "nproc", 0) or 0) > 1 or "WORLD_SIZE" in os.environ:
+        raise TandemError("--seeds runs the seeds one after another in one process; with several processes, "
+                          "run each seed alone (seed=N --out DIR/seedN)")
+    return seeds
+
+
+def _run_seeds(ns, recipe, recipe_path, overrides, seeds: list[int]) -> int:
+    """`tandem run --seeds`: one normal run folder per seed, OUT/seed<N>/, then the summary in OUT.
+    OUT keeps the recipe (seed aside) and seeds.json, so `--resume --out OUT` needs nothing else."""
+    from .engine.checkpoint import atomic_write
+    from .grid import run_folder
+    from .recipes import dump_recipe, load_recipe
+    from .runner import default_out_dir
+    from .summary import summarize, summary_markdown, write_summary
+
+    out = Path(ns.out) if ns.out else default_out_dir(recipe)
+    saved = out / "recipe.yaml"
+    if ns.resume:
+        if not out.exists():
+            raise TandemError(f"cannot resume: run folder {out} does not exist")
+        if saved.exists() and not (out / "seeds.json").exists():
+            raise TandemError(f"{out} holds one run, not runs over seeds; resume it without --seeds")
+        if saved.exists() and saved.read_text() != dump_recipe(recipe):
+            raise TandemError(f"{out} was run with a different recipe (changed overrides or file); "
+                              f"resume with the same recipe and overrides, or none")
+    elif out.exists() and any(out.iterdir()):
+        raise TandemError(f"run folder {out} already holds a run; pass --resume to continue it, or choose another --out")
+    recipes = [load_recipe(recipe_path, overrides + [f"seed={s}"]) for s in seeds]   # all valid before any work
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(saved, lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
+    atomic_write(out / "seeds.json", lambda tmp: Path(tmp).write_text(json.dumps({"seeds": seeds})))
+    try:
+        results = [run_folder(out / f"seed{s}", r, log=lambda msg: print(msg, file=sys.stderr), what="seeds")
+                   for s, r in zip(seeds, recipes)]
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished epochs are checkpointed. Resume with:\n"
+              f"  tandem run --resume --out {out}", file=sys.stderr)
+        return 130
+    summary = summarize(seeds, [r["models"] for r in results], command="run", recipe=recipe.model_dump(mode="json"))
+    write_summary(out, summary)
+    print(summary_markdown(summary))
+    print(f"\nseed folders and summary in {out}")
+    return 0
+
+
 def cmd_run(ns) -> int:
     from .engine import distributed
     from .recipes import load_recipe
     from .runner import default_out_dir, run
 
     recipe_path, overrides = _split_run_args(ns.args)
-    if recipe_path is None and ns.resume and ns.out and (Path(ns.out) / "recipe.yaml").exists():
-        recipe_path = str(Path(ns.out) / "recipe.yaml")   # resume exactly what was started
+    seeds = _seeds(ns, overrides)
     if ns.resume and not ns.out:
         raise TandemError("--resume needs --out RUN_DIR, the folder of the run to continue")
+    if seeds is None and ns.resume and (Path(ns.out) / "seeds.json").exists():
+        seeds = json.loads((Path(ns.out) / "seeds.json").read_text())["seeds"]   # a run over seeds
+    if recipe_path is None and ns.resume and (Path(ns.out) / "recipe.yaml").exists():
+        recipe_path = str(Path(ns.out) / "recipe.yaml")   # resume exactly what was started
     recipe = load_recipe(recipe_path, overrides)
+    if seeds is not None:
+        return _run_seeds(ns, recipe, recipe_path, overrides, seeds)
     if ns.nproc and ns.nproc > 1:   # check here what would fail in every rank, then launch
         if recipe.train.batch_size % ns.nproc:
             raise TandemError(f"train.batch_size = {recipe.train.batch_size} must be divisible by the "
@@ -74,6 +144,14 @@ def cmd_grid(ns) -> int:
     from .grid import DEFAULT_PRUNERS, DEFAULT_QUANTIZERS, parse_list, run_grid
 
     recipe_path, overrides = _split_run_args(ns.args)
+    seeds = _seeds(ns, overrides)
+    if seeds is not None:
+        from .grid import run_grid_seeds
+        from .summary import summary_markdown
+        print(summary_markdown(run_grid_seeds(recipe_path, parse_list(ns.pruners, DEFAULT_PRUNERS),
+                                              parse_list(ns.quantizers, DEFAULT_QUANTIZERS), seeds, out=ns.out,
+                                              overrides=overrides)))
+        return 0
     summary = run_grid(recipe_path, parse_list(ns.pruners, DEFAULT_PRUNERS),
                        parse_list(ns.quantizers, DEFAULT_QUANTIZERS), out=ns.out, overrides=overrides)
     from .grid import grid_markdown
@@ -131,7 +209,7 @@ def cmd_eval(ns) -> int:
         key = (spec["name"], root)
         if key not in cache:
             cache[key] = load_dataset(spec["name"], root, val_fraction=spec.get("val_fraction", 0.1),
-                                      seed=meta.get("seed", 0), train_limit=spec.get("train_limit"),
+                                      seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
                                       test_limit=spec.get("test_limit"), **spec.get("options", {}))
         data = cache[key]
         loader = BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device=device)
@@ -158,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--nproc", type=int, default=0,
                    help="train with N processes on this machine (launches torchrun --nproc_per_node=N)")
+    r.add_argument("--seeds", nargs="+", metavar="N",
+                   help="run once per seed, each a normal run folder OUT/seed<N>/ (resumable), then "
+                        "OUT/summary.{json,md,png}: mean, std and 95%% interval of test top-1 per row, and each "
+                        "method minus its control paired by seed; put key=value overrides before --seeds")
     r.set_defaults(fn=cmd_run)
 
     g = sub.add_parser("grid", help="pruners x quantizers, each pair trained by mutual learning and "
@@ -167,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pruners", help="comma-separated pruning criteria (default l1,fpgm,hrank)")
     g.add_argument("--quantizers", help="comma-separated quantizers (default dorefa,pact,lsq)")
     g.add_argument("--out", help="grid folder (default runs/grid-<recipe>-<time>); run again to resume")
+    g.add_argument("--seeds", nargs="+", metavar="N",
+                   help="one whole grid per seed in OUT/seed<N>/, then OUT/summary.{json,md,png} over the seeds "
+                        "(each control counted once: one per pruner, one per quantizer); run again to resume")
     g.set_defaults(fn=cmd_grid)
 
     pr = sub.add_parser("profile", help="per-layer and total params, MACs, BOPs and bytes of a model")

@@ -177,12 +177,26 @@ def profile(model: nn.Module, input_size=(3, 32, 32), *, w_bits=32, a_bits=32,
 
 
 def bits_summary(report: CostReport) -> tuple:
-    """(w_bits, a_bits) for a results row: the number when every layer agrees, else 'mixed'."""
-    def one(values):
-        values = set(values)
-        if len(values) != 1:
-            return "mixed"
-        v = values.pop()
-        return int(v) if float(v).is_integer() else v
-    return one(c.w_bits for c in report.layers), one(c.a_bits for c in report.layers)
+    """(w_bits, a_bits) for a results row: MAC-weighted means over the conv/linear layers, so a
+    mixed-precision model still gets a number that compares (an int when every layer agrees,
+    else rounded to 2 decimals). Weighted by MACs because that is where the bits cost compute."""
+    def mean(values):
+        values = [(float(v), m) for v, m in values]
+        if not values:
+            return None
+        if len({v for v, _ in values}) == 1:
+            v = values[0][0]
+            return int(v) if v.is_integer() else round(v, 2)
+        total = sum(m for _, m in values)
+        if total == 0:  # no MACs at all: a plain mean
+            return round(sum(v for v, _ in values) / len(values), 2)
+        return round(sum(v * m for v, m in values) / total, 2)
+    return (mean((c.w_bits, c.macs) for c in report.layers),
+            mean((c.a_bits, c.macs) for c in report.layers))
 
+
+def layer_summary(report: CostReport) -> list[dict]:
+    """One small dict per conv/linear call for results.json: enough to see where the MACs and
+    the bits are without re-profiling the saved model (their ``macs`` sum to ``report.macs``)."""
+    return [{"name": c.name, "in_channels": c.in_channels, "out_channels": c.out_channels,
+             "macs": c.macs, "w_bits": c.w_bits, "a_bits": c.a_bits} for c in report.layers]

@@ -1,10 +1,24 @@
 """`tandem grid`: the mutual-learning paper's table, pruners x quantizers (methods.md §1.1).
 
-Each pair (cell) is one run folder DIR/<pruner>-<quantizer>/ in which `independent` (the
-control) and `mutual` run on one RunContext, so both start from the same pruned and quantized
-peers. All cells share one pretrained baseline, trained once in DIR/baseline (or the recipe's
+Each pair (cell) is one run folder DIR/<pruner>-<quantizer>/ in which `mutual` runs. The
+controls (`independent`: each peer trained alone) run once per pruner and once per quantizer,
+not in every cell: the independent pruned peer depends only on the pruner and the independent
+quantized peer only on the quantizer (same baseline, data order and seed; nothing couples the
+two in the independent stage; tests/test_seeds.py checks it), so the cells on a diagonal,
+(pruner k mod P, quantizer k mod Q) for k < max(P, Q), run `independent` too, on the same
+RunContext as `mutual`, so both start from the same peers. A 3 x 3 grid trains 3 controls, not 9. All cells share one pretrained baseline, trained once in DIR/baseline (or the recipe's
 `model.checkpoint`). Finished cells (results.json present) are skipped; an interrupted cell
 resumes from its checkpoints. At the end: DIR/grid.json, DIR/grid.md and DIR/grid.png.
+
+With `--seeds 0 1 2` (`run_grid_seeds`) each seed is a whole grid in DIR/seed<N>/ (its own
+baseline too), and DIR/summary.{json,md,png} hold the statistics over seeds (tandem/summary.py).
+Grid rows are named `<pruner>-<quantizer>/mutual/<peer>` there, and the controls are counted
+once: the independent quantized peer is the same network for every pruner (it depends only on
+the quantizer: same baseline, quantizer, data order and seed, and nothing couples it to P in the
+independent stage) and the independent pruned peer depends only on the pruner, so the summary
+holds one `independent/pruned[<pruner>]` per pruner and one `independent/quantized[<quantizer>]`
+per quantizer, each taken from one cell, and pairs every mutual row with its control in the same
+seed. Were a control to differ between cells, summary.md says so.
 """
 from __future__ import annotations
 
@@ -45,32 +59,43 @@ def _schedule(recipe, pruner: str) -> str:
     return "one_shot" if schedule == "soft" and pruner not in SOFT_PRUNERS else schedule
 
 
-def _run_folder(path: Path, recipe, log=print) -> dict:
-    """Run (or resume) one folder; a finished one (results.json) is read, not run again."""
+def run_folder(path: Path, recipe, log=print, what: str = "grid") -> dict:
+    """Run (or resume) one folder; a finished one (results.json) is read, not run again
+    (grid cells, and the seed folders of `tandem run --seeds`)."""
     from .recipes import dump_recipe
     from .runner import run
 
     saved = path / "recipe.yaml"
     if saved.exists() and saved.read_text() != dump_recipe(recipe):
-        raise TandemError(f"grid: {path} was run with a different recipe (changed overrides or file); "
+        raise TandemError(f"{what}: {path} was run with a different recipe (changed overrides or file); "
                           f"use another --out, or the same recipe and overrides to resume")
     done = path / "results.json"
     if done.exists():
-        log(f"grid: {path.name} is finished already; skipped")
+        log(f"{what}: {path.name} is finished already; skipped")
         return json.loads(done.read_text())
     resume = path.exists() and any(path.iterdir())
     if resume:
-        log(f"grid: {path.name} was interrupted; resuming it")
+        log(f"{what}: {path.name} was interrupted; resuming it")
     return run(recipe, path, resume=resume)
 
 
-def _peer(rows: dict, peer: str) -> dict:
-    m, i = rows.get(f"mutual/{peer}"), rows.get(f"independent/{peer}")
+def control_cells(pruners: list[str], quantizers: list[str]) -> set[tuple[str, str]]:
+    """The cells that also run `independent`: every pruner and every quantizer once."""
+    n = max(len(pruners), len(quantizers))
+    return {(pruners[k % len(pruners)], quantizers[k % len(quantizers)]) for k in range(n)}
+
+
+def _peer(rows: dict, peer: str, control: dict | None) -> dict:
+    m, i = rows.get(f"mutual/{peer}"), control
     out = {"mutual_top1": m and m["top1"], "independent_top1": i and i["top1"]}
     out["gain"] = (out["mutual_top1"] - out["independent_top1"]) if m and i else None
     src = m or i or {}
     out.update({k: src.get(k) for k in ("params", "macs", "bops", "bytes", "w_bits", "a_bits")})
     return out
+
+
+def default_grid_dir(recipe) -> Path:
+    return Path("runs") / f"grid-{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_grid(recipe_path: str | None = None, pruners=DEFAULT_PRUNERS, quantizers=DEFAULT_QUANTIZERS,
@@ -84,29 +109,43 @@ def run_grid(recipe_path: str | None = None, pruners=DEFAULT_PRUNERS, quantizers
     quantizers = check_names(list(quantizers), list_quantizers(), "quantizers")
     overrides = list(overrides)
     recipe = load_recipe(recipe_path, overrides)   # validates before anything is written
-    out = Path(out) if out else Path("runs") / f"grid-{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out) if out else default_grid_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: tqdm.write(msg, file=sys.stderr)   # noqa: E731  (beside the bar, not in the table)
 
     checkpoint = recipe.model.checkpoint
-    if not checkpoint:
+    ms = recipe.mutual
+    scratch = ms is not None and ms.init == "scratch" and ms.kd_weight == 0   # no pretrained model used
+    if not checkpoint and not scratch:
         base = load_recipe(recipe_path, overrides + ["method=baseline"])
-        _run_folder(out / "baseline", base, log=log)
+        run_folder(out / "baseline", base, log=log)
         checkpoint = str((out / "baseline" / "models" / "baseline.safetensors").resolve())
 
-    cells = [(p, q) for p in pruners for q in quantizers]
-    pairs, base_row = [], None
+    cells, controls = [(p, q) for p in pruners for q in quantizers], control_cells(pruners, quantizers)
+    done, base_row = {}, None
     for p, q in tqdm(cells, desc="grid", unit="cell", disable=not progress, dynamic_ncols=True):
+        methods = "[independent,mutual]" if (p, q) in controls else "[mutual]"
         cell = load_recipe(recipe_path, overrides + [
-            "method=[independent,mutual]", f"model.checkpoint={checkpoint}", f"prune.criterion={p}",
-            f"prune.schedule={_schedule(recipe, p)}", f"quant.method={q}"])
+            f"method={methods}", f"prune.criterion={p}", f"prune.schedule={_schedule(recipe, p)}",
+            f"quant.method={q}", *([f"model.checkpoint={checkpoint}"] if checkpoint else [])])
         cell.name = f"{recipe.name}-{p}-{q}"
-        results = _run_folder(out / f"{p}-{q}", cell, log=log)
+        results = run_folder(out / f"{p}-{q}", cell, log=log)
+        done[p, q] = (cell, results)
+        base_row = base_row or next((r for r in results["models"] if r["name"] == "baseline"), None)
+    alone = {}   # ("pruned", pruner) / ("quantized", quantizer) -> the control row
+    for (p, q), (_, results) in done.items():
+        for r in results["models"]:
+            if r["name"] == "independent/pruned":
+                alone["pruned", p] = r
+            elif r["name"] == "independent/quantized":
+                alone["quantized", q] = r
+    pairs = []
+    for (p, q), (cell, results) in done.items():
         rows = {r["name"]: r for r in results["models"]}
         pairs.append({"pruner": p, "quantizer": q, "schedule": cell.prune.schedule, "folder": f"{p}-{q}",
-                      "pruned": _peer(rows, "pruned"), "quantized": _peer(rows, "quantized"),
+                      "pruned": _peer(rows, "pruned", alone.get(("pruned", p))),
+                      "quantized": _peer(rows, "quantized", alone.get(("quantized", q))),
                       "wall_time_s": results.get("wall_time_s")})
-        base_row = rows.get("baseline")
 
     summary = {"recipe": recipe.model_dump(mode="json"), "protocol": recipe.protocol, "checkpoint": checkpoint,
                "pruners": pruners, "quantizers": quantizers,
@@ -116,6 +155,33 @@ def run_grid(recipe_path: str | None = None, pruners=DEFAULT_PRUNERS, quantizers
     atomic_write(out / "grid.md", lambda tmp: Path(tmp).write_text(grid_markdown(summary)))
     plot_grid(summary, out / "grid.png")
     return summary
+
+
+def run_grid_seeds(recipe_path: str | None, pruners, quantizers, seeds: list[int], out: str | Path | None = None,
+                   overrides: list[str] = (), progress: bool = True) -> dict:
+    """One whole grid per seed in DIR/seed<N>/ (run_grid: finished cells are read, interrupted
+    ones resume), then the statistics over seeds in DIR/summary.{json,md,png}; returns the summary."""
+    from .recipes import load_recipe
+    from .summary import control_mismatches, grid_rows, summarize, write_summary
+
+    overrides = list(overrides)
+    recipe = load_recipe(recipe_path, overrides)   # validates before anything is written
+    out = Path(out) if out else default_grid_dir(recipe)
+    if (out / "grid.json").exists():
+        raise TandemError(f"grid: {out} holds a grid run without --seeds; choose another --out")
+    per_seed = []
+    for seed in seeds:
+        folder = out / f"seed{seed}"
+        summary = run_grid(recipe_path, pruners, quantizers, out=folder, overrides=overrides + [f"seed={seed}"],
+                           progress=progress)
+        cells = [(c["pruner"], c["quantizer"], json.loads((folder / c["folder"] / "results.json").read_text())["models"])
+                 for c in summary["pairs"]]
+        per_seed.append(grid_rows(cells))
+    result = summarize(seeds, per_seed, command="grid", recipe=recipe.model_dump(mode="json"),
+                       pruners=summary["pruners"], quantizers=summary["quantizers"],
+                       control_mismatches=control_mismatches(seeds, per_seed))
+    write_summary(out, result)
+    return result
 
 
 def _f(v, fmt="{:.2f}") -> str:

@@ -39,9 +39,15 @@ class DatasetSpec(Section):
     name: str = "digits"
     root: Optional[str] = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # the validation split is drawn by this seed, not the run's: runs of several seeds (and a
+    # baseline shared by them) all select epochs on the same held-out images, never on images
+    # another seed's baseline trained on
+    split_seed: int = Field(0, ge=0)
     train_limit: Optional[int] = Field(None, ge=10)   # a fixed stratified subset of the training set
     test_limit: Optional[int] = Field(None, ge=10)    # ... and of the test set (cpu-small runs)
-    augment: bool = True
+    # None: the dataset's default augmentation; false: none; true: insist on it (refused for a
+    # dataset whose augmentation is off, e.g. fashion-mnist without options.crop_padding / hflip)
+    augment: Optional[bool] = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -214,10 +220,19 @@ def read_yaml(path: str | Path) -> dict:
 
 def validate(raw: dict) -> Recipe:
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         # one line, whatever odd characters a key or value holds
         raise RecipeError(" ".join(_format_error(exc, raw).split())) from None
+    _check_combinations(recipe)
+    return recipe
+
+
+def _check_combinations(recipe: Recipe) -> None:
+    """Settings that are valid alone but not together (RecipeError, before anything runs)."""
+    if recipe.mutual is not None and recipe.mutual.init == "scratch":
+        from .methods.mutual import check_scratch
+        check_scratch(recipe.prune or PruneSpec())
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:

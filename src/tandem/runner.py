@@ -41,10 +41,14 @@ class RunContext:
         for turn in (True, False):
             if self.dist.is_main == turn:
                 self.data = load_dataset(recipe.dataset.name, recipe.dataset.root,
-                                         val_fraction=recipe.dataset.val_fraction, seed=recipe.seed,
+                                         val_fraction=recipe.dataset.val_fraction,
+                                         seed=recipe.dataset.split_seed,
                                          train_limit=recipe.dataset.train_limit,
                                          test_limit=recipe.dataset.test_limit, **recipe.dataset.options)
             distributed.barrier()
+        if recipe.dataset.augment and not self.data.augment.active:
+            raise TandemError(f"dataset.augment = true, but {recipe.dataset.name} has no augmentation with these "
+                              f"options; {_augment_hint(recipe.dataset.name)}")
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.dist.is_main else None)
         self.results: list[dict] = []
         self._pretrained: torch.nn.Module | None = None
@@ -59,7 +63,7 @@ class RunContext:
         cfg = cfg or self.recipe.train
         d, world = self.data, self.dist.world_size
         return BatchLoader(d.train, cfg.batch_size // world, shuffle=True,
-                           augment=d.augment if self.recipe.dataset.augment else None,
+                           augment=None if self.recipe.dataset.augment is False else d.augment,
                            mean=d.mean, std=d.std, device=self.device, seed=self.recipe.seed,
                            drop_last=len(d.train) > cfg.batch_size, rank=self.dist.rank, world_size=world)
 
@@ -122,11 +126,12 @@ class RunContext:
         return best
 
     def record(self, name: str, net: torch.nn.Module, val_top1: float | None = None, *,
-               stage: str | None = None, **cost_options) -> dict:
+               stage: str | None = None, control: str | None = None, **cost_options) -> dict:
         """Evaluate `net` on test (and val when not given), count its cost, save it; one results row.
 
         Bits come from the layers themselves (quantized layers carry `w_bits`/`a_bits`);
-        `cost_options` go to `cost.profile` (e.g. `first_last_bits=8`)."""
+        `cost_options` go to `cost.profile` (e.g. `first_last_bits=8`). `control` names the row of
+        this run that the network is to be compared with (summaries over seeds pair them)."""
         test = evaluate(net, self.eval_loader("test"))
         if val_top1 is None:
             val_top1 = evaluate(net, self.eval_loader("val"))["top1"]
@@ -139,8 +144,19 @@ class RunContext:
         row = {"name": name, "stage": stage or name, "top1": test["top1"], "val_top1": val_top1,
                "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
                "w_bits": w_bits, "a_bits": a_bits, "model_file": str(model_file.relative_to(self.out_dir))}
+        row["layers"] = cost.layer_summary(c)   # per conv/linear layer; their macs sum to row['macs']
+        if control:
+            row["control"] = control
         self.results.append(row)
         return row
+
+
+def _augment_hint(dataset: str) -> str:
+    from .data import dataset_options
+    names = [f"dataset.options.{o}" for o in dataset_options(dataset) if o in ("crop_padding", "hflip")]
+    if not names:
+        return "it has no augmentation options: leave augment unset"
+    return f"turn it on with {' / '.join(names)}, or leave augment unset"
 
 
 def default_out_dir(recipe: Recipe) -> Path:
@@ -174,7 +190,9 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
                "methods": recipe.methods,
                "models": ctx.results, "commit": git_commit(), "machine": machine(),
                "wall_time_s": time.perf_counter() - start, "device": str(ctx.device),
-               "world_size": dist_info.world_size}
+               "world_size": dist_info.world_size,
+               "train_images": len(ctx.data.train), "val_images": len(ctx.data.val),
+               "test_images": len(ctx.data.test)}   # report.md derives the standard error from it
     if dist_info.is_main:
         write_report(out_dir, results)
     return results

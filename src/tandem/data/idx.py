@@ -109,7 +109,8 @@ def _load_idx_pair(dataset: str, root: Path, prefix: str, search: list[Path], nu
     )
 
 
-def _load_mnist_like(dataset: str, root: Path, raw_subdir: str, class_names: list[str], mean: float, std: float):
+def _load_mnist_like(dataset: str, root: Path, raw_subdir: str, class_names: list[str], mean: float, std: float,
+                     augment: Augment):
     if not root.is_dir():
         raise DataError(f"{dataset}: root {root} is not a folder")
     # The folder itself, or torchvision's layouts (<root>/raw, <root>/<MNIST>/raw).
@@ -121,18 +122,26 @@ def _load_mnist_like(dataset: str, root: Path, raw_subdir: str, class_names: lis
         class_names=class_names,
         mean=(mean,),
         std=(std,),
-        augment=Augment(),
+        augment=augment,
     )
 
 
+def _augment(dataset: str, crop_padding, hflip) -> Augment:
+    try:
+        return Augment(crop_padding=crop_padding, hflip=hflip)
+    except ValueError as e:
+        raise DataError(f"{dataset}: {e}".replace("Augment.", "option ")) from None
+
+
 @register_dataset("mnist")
-def load_mnist_source(root: Path) -> SourceData:
+def load_mnist_source(root: Path, *, crop_padding: int = 0) -> SourceData:
     """MNIST from its 4 IDX files (plain or .gz) in ``root``: 60000 train / 10000 test, 28x28, 1 channel.
 
-    Normalisation: the standard mean 0.1307, std 0.3081. Default augmentation: none
-    (flips change digits; crops are rarely used for MNIST).
+    Normalisation: the standard mean 0.1307, std 0.3081. Default augmentation: none; option
+    ``crop_padding`` (e.g. 2) turns on random shifts. No flip option: a flip changes a digit.
     """
-    return _load_mnist_like("mnist", root, "MNIST", [str(i) for i in range(10)], 0.1307, 0.3081)
+    return _load_mnist_like("mnist", root, "MNIST", [str(i) for i in range(10)], 0.1307, 0.3081,
+                            _augment("mnist", crop_padding, False))
 
 
 FASHION_CLASSES = [
@@ -142,11 +151,12 @@ FASHION_CLASSES = [
 
 
 @register_dataset("fashion-mnist")
-def load_fashion_mnist_source(root: Path) -> SourceData:
+def load_fashion_mnist_source(root: Path, *, crop_padding: int = 0, hflip: bool = False) -> SourceData:
     """Fashion-MNIST from its 4 IDX files (plain or .gz) in ``root``: 60000 / 10000, 28x28, 1 channel.
 
-    Normalisation: the standard mean 0.2860, std 0.3530. Default augmentation:
-    none, like MNIST, so the two are trained alike (pass an Augment to the loader
-    to use crop/flip).
+    Normalisation: the standard mean 0.2860, std 0.3530. Default augmentation: none, like
+    MNIST; options ``crop_padding`` (random shifts, e.g. 2) and ``hflip`` (clothes may be
+    mirrored) turn it on.
     """
-    return _load_mnist_like("fashion-mnist", root, "FashionMNIST", FASHION_CLASSES, 0.2860, 0.3530)
+    return _load_mnist_like("fashion-mnist", root, "FashionMNIST", FASHION_CLASSES, 0.2860, 0.3530,
+                            _augment("fashion-mnist", crop_padding, hflip))

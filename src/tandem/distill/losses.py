@@ -27,20 +27,23 @@ def hinton_kd(student_logits, teacher_logits, y, *, alpha: float = 0.9, temperat
 
 
 def mutual_losses(logits: dict[str, torch.Tensor], y: torch.Tensor, *, temperature: float = 1.0,
-                  average_peers: bool = True, kl_weight: float = 1.0) -> dict:
+                  average_peers: bool = True, kl_weight: float | dict[str, float] = 1.0) -> dict:
     """Deep Mutual Learning among K >= 2 peers (Zhang et al. 2018).
 
     For each peer k: CE(y, p_k) + w / (K - 1) * sum_{l != k} KL(p_l || p_k), with each p_l a
     fixed (detached) target, so summing every peer's loss and taking one backward pass gives
     each peer exactly the gradient of its own loss. `average_peers=False` sums over peers as the
-    authors' TensorFlow code does (identical for K = 2). Keys are `ce/<peer>` and `kl/<peer>`.
+    authors' TensorFlow code does (identical for K = 2). `kl_weight` is w for every peer, or a
+    {peer: w} dict (a weaker peer may want more of the stronger one than the reverse).
+    Keys are `ce/<peer>` and `kl/<peer>`.
     """
     names = list(logits)
     if len(names) < 2:
         raise ValueError(f"mutual learning needs at least 2 peers, got {names}")
-    scale = kl_weight / (len(names) - 1 if average_peers else 1)
+    weights = kl_weight if isinstance(kl_weight, dict) else dict.fromkeys(names, kl_weight)
+    norm = len(names) - 1 if average_peers else 1
     out = {}
     for k in names:
         out[f"ce/{k}"] = F.cross_entropy(logits[k].float(), y)
-        out[f"kl/{k}"] = scale * sum(kl_divergence(logits[k], logits[l], temperature) for l in names if l != k)
+        out[f"kl/{k}"] = weights[k] / norm * sum(kl_divergence(logits[k], logits[l], temperature) for l in names if l != k)
     return out

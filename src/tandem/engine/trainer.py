@@ -11,7 +11,8 @@ after another, each on the terms named `<term>/<its name>`, with the predictions
 after every update.
 
 Methods plug in through the objective and through callbacks (objects with any of
-`after_backward(trainer)`, `after_step(trainer)`, `before_validation(trainer, epoch)` (the
+`before_step(trainer)` (`trainer.step` steps done, `trainer.steps_per_epoch` per epoch: what a
+schedule of loss weights needs), `after_backward(trainer)`, `after_step(trainer)`, `before_validation(trainer, epoch)` (the
 epoch's training is done, its validation not yet: what is changed here is what validation and
 best-by-val selection see), `on_epoch_end(trainer, epoch)`), never by writing another loop. The trainer owns devices, mixed precision, checkpoints, best-by-val
 selection, progress bars and the metrics log.
@@ -208,7 +209,9 @@ class Trainer:
         bar.set_description(f"{self.stage} epoch {self.epoch + 1}/{self.cfg.epochs}")
         check_every = 1 if self.device.type == "cpu" else 25
         step_fn = self._sequential_step if self.update == "sequential" else self._simultaneous_step
+        self.steps_per_epoch = len(loader)
         for i, (x, y) in enumerate(loader):
+            self._hook("before_step")
             losses = step_fn(x, y)
             total = sum(losses.values())
             self.step += 1

@@ -28,7 +28,7 @@ def _test_data(meta: dict, data_root, cache: dict):
     key = (spec["name"], root)
     if key not in cache:
         data = load_dataset(spec["name"], root, val_fraction=spec.get("val_fraction", 0.1),
-                            seed=meta.get("seed", 0), train_limit=spec.get("train_limit"),
+                            seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
                             test_limit=spec.get("test_limit"), **spec.get("options", {}))
         cache[key] = (data, BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device="cpu"))
     return cache[key]

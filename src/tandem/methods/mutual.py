@@ -5,8 +5,10 @@ Mutual Learning (Li, Chen, Wang 2023; methods.md §1.3-1.4) or, as the control, 
     prune: {criterion: fpgm, macs_target: 0.5, schedule: soft}
     quant: {method: lsq, w_bits: 4, a_bits: 4}
     mutual: {update: sequential, kd_weight: 0.0, feature_weight: 0.0}
+    mutual: {init: scratch, kl_weight: {pruned: 0.3, quantized: 1.0}, kl_rampup_epochs: 2}
 
-Both methods build the same peers from `ctx.pretrained()`: P by the `prune` method's own
+Both methods build the same peers from `ctx.pretrained()` (`mutual.init: scratch`: from the
+randomly initialised model instead, as DML trains its cohort): P by the `prune` method's own
 `build_pruned` (one-shot / iterative pruning happens before the joint phase; a soft schedule
 zeroes and regrows P's filters during it and P is made physically smaller at the end), Q by the
 `quantize` method's `build_quantized`. The joint phase is one training stage of both nets with
@@ -44,13 +46,49 @@ def joint_cfg(ctx):
     return ctx.recipe.train.for_stage(ms.epochs, ms.lr)
 
 
+def check_scratch(spec: PruneSpec) -> None:
+    """From scratch, the weights a criterion would rank are random: only a choice that does not
+    depend on them (per-layer counts, or soft pruning during training) means anything. Called
+    when a recipe is validated, so nothing is created before the refusal."""
+    why = None
+    if spec.schedule == "iterative":
+        why = "prune.schedule = iterative fine-tunes P alone between steps"
+    elif spec.sparsity_epochs:
+        why = f"prune.sparsity_epochs = {spec.sparsity_epochs} trains P alone first"
+    elif spec.schedule == "one_shot" and (spec.scope or ("global" if spec.criterion == "bn_scale" else "layer")) == "global":
+        why = "global ranking would compare random weights across layers (use prune.scope=layer)"
+    if why:
+        raise RecipeError(f"recipe error: mutual.init = 'scratch': {why}")
+
+
 def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
-    """P (pruned by the recipe's `prune:` section) and Q (quantized by its `quant:` section)."""
+    """P (pruned by the recipe's `prune:` section) and Q (quantized by its `quant:` section), from
+    the pretrained model or, with `mutual.init: scratch`, from one random initialisation (the
+    run's seed): P is then a thinner network (one-shot, layer scope: each layer keeps the same
+    count whatever the criterion) or soft-pruned while it learns, as SFP trains from scratch."""
+    spec = ctx.recipe.prune or PruneSpec()
+    base = None
+    if mutual_spec(ctx).init == "scratch":
+        check_scratch(spec)
+        base = ctx.create_model()
     # soft schedule: no fine-tune follows the removal, so the zeroed network must evaluate as
     # the removed one will (SoftPruning.zero_bn); the channels removed are those of the best epoch
-    p = build_pruned(ctx, ctx.recipe.prune or PruneSpec(), prefix="peers-", soft_zero_bn=True)
-    q = build_quantized(ctx, ctx.recipe.quant or QuantSpec())
+    p = build_pruned(ctx, spec, prefix="peers-", soft_zero_bn=True, base=base)
+    q = build_quantized(ctx, ctx.recipe.quant or QuantSpec(), base=base)
     return p, q
+
+
+class KLRamp:
+    """Callback: the KL terms' weight factor, rising linearly from 0 to 1 over the first
+    `epochs` of the stage (computed from the trainer's step count, so a resumed stage
+    continues the ramp where it was)."""
+
+    def __init__(self, epochs: float):
+        self.epochs, self.factor = epochs, 1.0 if epochs == 0 else 0.0
+
+    def before_step(self, trainer) -> None:
+        if self.epochs > 0:
+            self.factor = min(1.0, trainer.step / (self.epochs * trainer.steps_per_epoch))
 
 
 class WithAdapters(nn.Module):
@@ -83,15 +121,16 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
     return tap_p, tap_q, hints
 
 
-def dml_objective(ms: MutualSpec, teacher: str | None = None, hints=None):
+def dml_objective(ms: MutualSpec, teacher: str | None = None, hints=None, ramp: KLRamp | None = None):
     """CE + KL to the other peer's detached prediction, for each peer (`ce/<peer>`, `kl/<peer>`);
     optionally KD from the frozen full-precision model (`kd/<peer>`) and P's feature hint
-    (`hint/pruned`). Every term is named after the one network it trains, so the summed
+    (`hint/pruned`). `ramp` scales the KL terms (mutual.kl_rampup_epochs). Every term is named after the one network it trains, so the summed
     backward (simultaneous) and per-network backward (sequential) both give each peer exactly
     the gradient of its own loss."""
     def objective(outputs, y, x):
+        factor = ramp.factor if ramp is not None else 1.0
         losses = mutual_losses({k: outputs[k] for k in PEERS}, y, temperature=ms.temperature,
-                               kl_weight=ms.kl_weight)
+                               kl_weight={k: w * factor for k, w in ms.kl_weights().items()})
         if teacher is not None:
             for k in PEERS:
                 losses[f"kd/{k}"] = ms.kd_weight * kl_divergence(outputs[k], outputs[teacher], ms.kd_temperature)
@@ -107,13 +146,15 @@ def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> N
     def val(name):
         v = best[name]["val_top1"]
         return v if v is not None and v >= 0 else None
+    def control(peer):   # mutual's rows name their control when it runs too
+        return f"independent/{peer}" if method == "mutual" and "independent" in ctx.recipe.methods else None
     p_net = p.finish(best["pruned"]["epoch"])
     # soft: the removal changes the network (BN shifts of removed channels), so measure val again
     row = ctx.record(f"{method}/pruned", p_net, None if p.pruner is not None else val("pruned"),
-                     stage=f"{method}-joint")
+                     stage=f"{method}-joint", control=control("pruned"))
     if p.unstructured:
         row["nonzero_macs"] = cost.profile(p_net, ctx.input_size).nonzero_macs
-    ctx.record(f"{method}/quantized", q, val("quantized"), stage=f"{method}-joint")
+    ctx.record(f"{method}/quantized", q, val("quantized"), stage=f"{method}-joint", control=control("quantized"))
 
 
 @register_method("mutual")
@@ -128,9 +169,10 @@ def mutual(ctx) -> None:
         p_train = WithAdapters(p.net, modules)
     frozen = {"teacher": ctx.pretrained()} if ms.kd_weight > 0 else None   # given back unfrozen after the stage
     cfg = joint_cfg(ctx)
+    ramp = KLRamp(ms.kl_rampup_epochs)
     best = ctx.train_stage("mutual-joint", {"pruned": p_train, "quantized": q},
-                           dml_objective(ms, "teacher" if frozen else None, hints), cfg=cfg,
-                           frozen=frozen, callbacks=p.callbacks, update=ms.update)
+                           dml_objective(ms, "teacher" if frozen else None, hints, ramp), cfg=cfg,
+                           frozen=frozen, callbacks=[*p.callbacks, ramp], update=ms.update)
     if hints is not None:
         hints[0].remove()
         hints[1].remove()

@@ -89,8 +89,8 @@ def pqkd(ctx) -> None:
     dspec = ctx.recipe.distill or DistillSpec()
     teacher = ctx.pretrained()
 
-    def record(name, net, val, stage):
-        row = ctx.record(f"pqkd/{name}", net, val, stage=stage)
+    def record(name, net, val, stage, control=None):
+        row = ctx.record(f"pqkd/{name}", net, val, stage=stage, control=control)
         if masks is not None:
             row["nonzero_macs"] = cost.profile(net, ctx.input_size).nonzero_macs
         return row
@@ -122,7 +122,9 @@ def pqkd(ctx) -> None:
     cfg = ctx.recipe.train.for_stage(dspec.epochs, dspec.lr)
     best = ctx.train_stage("pqkd-distill", nets, kd_objective(dspec), cfg=cfg,
                            frozen={"teacher": teacher}, callbacks=[cb for n in nets.values() for cb in keep(n)])
-    rows = {name: record(name, net, _val(best, name), "pqkd-distill") for name, net in nets.items()}
+    rows = {name: record(name, net, _val(best, name), "pqkd-distill",
+                         control="pqkd/no-kd" if name == "distilled" and "no-kd" in nets else None)
+            for name, net in nets.items()}
     for name, row in rows.items():
         row["gain_over_quantized"] = row["top1"] - quantized["top1"]
     if "no-kd" in rows:

@@ -63,13 +63,13 @@ class PrunedNet:
         return self.pruner.apply(removed if removed is not None else on_rank0(self.pruner.plan))
 
 
-def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False) -> PrunedNet:
-    """Prune a copy of `ctx.pretrained()` by `spec`; the stages before the last one run here
+def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
+                 base: torch.nn.Module | None = None) -> PrunedNet:
+    """Prune a copy of `base` (default `ctx.pretrained()`) by `spec`; the stages before the last one run here
     (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run.
     `soft_zero_bn`: the soft schedule also zeroes the BN of the zeroed filters, for a caller
     that records the removed network without fine-tuning it (SoftPruning.zero_bn)."""
-    base = ctx.pretrained()
-    net = copy.deepcopy(base)
+    net = copy.deepcopy(base if base is not None else ctx.pretrained())
     train = ctx.recipe.train
     finetune = finetune_cfg(ctx, spec)
     target = spec.target()

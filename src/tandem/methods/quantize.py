@@ -19,9 +19,10 @@ def quant_name(spec: QuantSpec) -> str:
     return f"{spec.method}-w{spec.w_bits}a{spec.a_bits}" + ("-ptq" if spec.mode == "ptq" else "")
 
 
-def build_quantized(ctx, spec: QuantSpec):
-    """A quantized, calibrated copy of `ctx.pretrained()` (shared with mutual / independent)."""
-    net = quantize_(copy.deepcopy(ctx.pretrained()), spec)
+def build_quantized(ctx, spec: QuantSpec, base=None):
+    """A quantized, calibrated copy of `base` (default `ctx.pretrained()`; shared with mutual /
+    independent)."""
+    net = quantize_(copy.deepcopy(base if base is not None else ctx.pretrained()), spec)
     calibrate(net, ctx.eval_loader("train"), num_batches=spec.calib_batches)
     return net
 

@@ -1,4 +1,8 @@
-"""results.json and report.md of a run folder."""
+"""results.json and report.md of a run folder.
+
+report.md is meant to decide with: it opens with the settings that ran and a verdict computed
+from the rows (best accuracy within cost budgets, the Pareto front, how large a difference the
+test set can resolve), then the table and what each of its columns means."""
 from __future__ import annotations
 
 import json
@@ -9,13 +13,36 @@ from ..engine.checkpoint import atomic_write
 
 COLUMNS = [("name", "model", "{}"), ("top1", "test top-1 %", "{:.2f}"), ("val_top1", "val top-1 %", "{:.2f}"),
            ("params", "params (M)", "{:.4f}"), ("macs", "MACs (M)", "{:.3f}"), ("bops", "BOPs (G)", "{:.3f}"),
-           ("bytes", "size (KiB)", "{:.1f}"), ("w_bits", "W bits", "{}"), ("a_bits", "A bits", "{}")]
+           ("bytes", "size (KiB)", "{:.1f}"), ("w_bits", "W bits", "{:g}"), ("a_bits", "A bits", "{:g}")]
 # shown only when some row has the key (e.g. unstructured pruning's nonzero MACs, pqkd's gains)
 OPTIONAL_COLUMNS = [("nonzero_macs", "nonzero MACs (M)", "{:.3f}"),
                     ("gain_over_quantized", "top-1 gain over quantized (pp)", "{:+.2f}"),
                     ("gain_over_no_kd", "top-1 gain over no-KD control (pp)", "{:+.2f}"),
                     ("gain_over_independent", "top-1 gain over independent (pp)", "{:+.2f}")]
 SCALE = {"params": 1e-6, "macs": 1e-6, "nonzero_macs": 1e-6, "bops": 1e-9, "bytes": 1 / 1024}
+GLOSSARY = {
+    "name": "the results row; the part before '/' is the method that trained it, `baseline` the "
+            "full-precision network the methods start from",
+    "top1": "accuracy on the test split, measured once after training; nothing is chosen on it",
+    "val_top1": "accuracy on the validation split held out of train, at the epoch chosen on it "
+                "(so it is optimistic: a selection aid, not a result)",
+    "params": "conv and linear weights and biases, in millions",
+    "macs": "multiply-accumulates of the conv and linear layers for one image, in millions "
+            "(BN, activations and pooling are free)",
+    "bops": "bit operations: the sum over layers of MACs x weight bits x activation bits, in billions "
+            "(full precision counts 32 x 32)",
+    "bytes": "storage for inference: conv/linear weights at their bits; biases, BN and other float "
+             "tensors at 4 bytes",
+    "w_bits": "weight bits, the MAC-weighted mean over the conv/linear layers (an integer when every "
+              "layer agrees; 32 = float); each layer's bits are in results.json `layers`",
+    "a_bits": "input-activation bits of the same layers, MAC-weighted mean likewise",
+    "nonzero_macs": "MACs that multiply a nonzero weight (unstructured pruning zeroes weights "
+                    "without shrinking layers)",
+    "gain_over_quantized": "test top-1 minus that of `pqkd/quantized`, the student before distillation",
+    "gain_over_no_kd": "test top-1 minus that of `pqkd/no-kd`, the same epochs with cross-entropy only",
+    "gain_over_independent": "test top-1 minus that of `independent/<peer>`, the same peer trained alone",
+}
+BUDGETS = (("macs", "MACs", (2, 4, 10)), ("bops", "BOPs", (32, 128, 512)))   # fractions of the reference
 
 
 def _clean(obj):
@@ -33,7 +60,13 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
+    if not isinstance(value, (int, float)):   # e.g. 'mixed' bits of an older results.json
+        return str(value)
     return fmt.format(value * SCALE.get(key, 1))
+
+
+def _columns(rows: list[dict]) -> list[tuple]:
+    return COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in r for r in rows)]
 
 
 def add_gains(rows: list[dict]) -> list[dict]:
@@ -48,11 +81,122 @@ def add_gains(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    columns = COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in r for r in rows)]
+    columns = _columns(rows)
     head = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def glossary(rows: list[dict]) -> str:
+    """One line per column of `markdown_table(rows)`: what it counts and in which unit."""
+    return "\n".join(f"- **{title}**: {GLOSSARY.get(key, 'see results.json')}."
+                     for key, title, _ in _columns(rows))
+
+
+def standard_error(top1: float, n: int) -> float:
+    """Binomial standard error, in points, of an accuracy of `top1` % measured on n images."""
+    p = min(max(top1 / 100, 0.0), 1.0)
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
+def _ratio(value, ref) -> str:
+    """A cost as a fraction of the reference: '1/45', '1/2.4', or '0.62x' when not halved."""
+    if not value or not ref:
+        return "-"
+    r = ref / value
+    if r >= 10:
+        return f"1/{r:.0f}"
+    return f"1/{r:.1f}" if r >= 2 else f"{value / ref:.2f}x"
+
+
+def verdict(rows: list[dict], test_images: int | None = None) -> list[str]:
+    """Markdown bullets that answer "which row, at which cost": the most accurate row, the
+    cheapest one that the test set cannot tell apart from it, the best within a few MAC and BOP
+    budgets (those that have a candidate) and the Pareto front. Costs are fractions of the
+    baseline's (of the largest row's when the run has no baseline)."""
+    from .plot import pareto_front
+
+    scored = [r for r in rows if r.get("top1") is not None]
+    if not scored:
+        return ["- No row has a test top-1: nothing to compare."]
+    base = next((r for r in scored if r["name"] == "baseline"), None)
+    ref = {k: (base or max(scored, key=lambda r: r.get(k) or 0)).get(k) for k in ("macs", "bops")}
+    of = "the baseline's" if base else "the largest row's"
+
+    def at(r):
+        if r is base:
+            return f"baseline {r['top1']:.2f}% (the full-precision reference)"
+        delta = f", {r['top1'] - base['top1']:+.2f} points vs the baseline" if base else ""
+        return (f"{r['name']} {r['top1']:.2f}% ({_ratio(r.get('bops'), ref['bops'])} of {of} BOPs, "
+                f"{_ratio(r.get('macs'), ref['macs'])} of its MACs{delta})")
+
+    def cheapness(r):
+        return (r.get("bops") or 0, r.get("macs") or 0, -r["top1"])
+
+    best = max(scored, key=lambda r: (r["top1"], *(-c for c in cheapness(r)[:2])))
+    lines = [f"- Most accurate: {at(best)}."]
+    if test_images:
+        margin = 2 * standard_error(best["top1"], test_images)
+        close = min((r for r in scored if r["top1"] >= best["top1"] - margin), key=cheapness)
+        if close is not best:
+            lines.append(f"- Cheapest within 2 standard errors ({margin:.2f} points) of it: {at(close)}.")
+        else:
+            lines.append(f"- No cheaper row comes within 2 standard errors ({margin:.2f} points) of it.")
+    for key, label, fractions in BUDGETS:
+        previous = None
+        for f in fractions:
+            fits = [r for r in scored if r.get(key) and ref[key] and r[key] <= ref[key] / f]
+            if not fits:
+                break
+            winner = max(fits, key=lambda r: (r["top1"], -r[key]))
+            if winner is not previous:   # a looser budget's winner that fits a tighter one wins it too
+                lines.append(f"- Best at <= 1/{f} of {of} {label}: {at(winner)}.")
+            previous = winner
+    front = pareto_front([(r.get("bops") or 0, r["top1"], r["name"]) for r in scored])
+    lines.append("- Pareto front (best test top-1 for at most its BOPs, cheapest first): "
+                 + " -> ".join(f"{name} {top1:.2f}%" for _, top1, name in front) + ".")
+    return lines
+
+
+def noise_note(rows: list[dict], test_images: int | None) -> str:
+    """How large a test top-1 difference one run can resolve (binomial standard error)."""
+    if not test_images:
+        return "The test-set size was not recorded, so the standard error of these accuracies is unknown."
+    scored = [r["top1"] for r in rows if r.get("top1") is not None]
+    base = next((r["top1"] for r in rows if r["name"] == "baseline" and r.get("top1") is not None), None)
+    if base is None and not scored:
+        return f"The test set has {test_images} images (1 image = {100 / test_images:.3g} points)."
+    p, at = (base, "the baseline's") if base is not None else (sum(scored) / len(scored), "the mean")
+    se = standard_error(p, test_images)
+    return (f"The test set has {test_images} images, so 1 image = {100 / test_images:.3g} points of top-1. "
+            f"At {at} accuracy ({p:.2f}%) the binomial standard error, sqrt(p(1-p)/n), is {se:.2f} points. "
+            f"Differences smaller than about 2 standard errors ({2 * se:.2f} points) are not "
+            f"distinguishable on one seed.")
+
+
+def _settings(results: dict) -> list[str]:
+    """The settings that ran, as bullets: what a reader needs before trusting the numbers."""
+    recipe = results["recipe"]
+    ds = recipe["dataset"]
+    sizes = [(results.get(f"{s}_images"), s) for s in ("train", "val", "test")]
+    known = [f"{n} {s}" for n, s in sizes if n is not None]
+    split = " / ".join(known) + " images" if known else "split sizes not recorded"
+    epochs = [f"{recipe['train']['epochs']} (train)"]
+    for section, key in (("prune", "finetune_epochs"), ("quant", "epochs"), ("mutual", "epochs"),
+                         ("distill", "epochs")):
+        value = (recipe.get(section) or {}).get(key)
+        if value is not None:
+            epochs.append(f"{section}.{key} {value}")
+    methods = results.get("methods") or [recipe["method"]]
+    world = results.get("world_size") or 1
+    return [f"- methods: `{', '.join(methods if isinstance(methods, list) else [methods])}`",
+            f"- model: `{recipe['model']['name']}`",
+            f"- dataset: `{ds['name']}`, {split} (validation = {ds['val_fraction']:.0%} of train, "
+            f"held out for model selection)",
+            f"- epochs: {', '.join(epochs)}",
+            f"- protocol `{results.get('protocol', recipe.get('protocol'))}`, seed {recipe['seed']}, "
+            f"device {results.get('device', '?')}" + (f" x {world} processes" if world > 1 else "")]
 
 
 def write_report(out_dir: Path, results: dict) -> None:
@@ -62,16 +206,16 @@ def write_report(out_dir: Path, results: dict) -> None:
     add_gains(results["models"])
     results = _clean(results)
     atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
-    recipe = results["recipe"]
-    plot_accuracy_vs_cost(results["models"], out_dir / "accuracy_vs_cost.png",
+    recipe, rows, n_test = results["recipe"], results["models"], results.get("test_images")
+    plot_accuracy_vs_cost(rows, out_dir / "accuracy_vs_cost.png",
                           title=f"{recipe['name']}: {recipe['model']['name']} on {recipe['dataset']['name']}")
-    lines = [f"# {recipe['name']}", "",
-             f"method `{', '.join(results.get('methods') or [recipe['method']])}`, model `{recipe['model']['name']}`, dataset `{recipe['dataset']['name']}`, "
-             f"protocol `{results['protocol']}`, seed {recipe['seed']}, device {results['device']}", "",
-             "Test top-1 is measured on the test split; model selection used the validation split "
-             f"({recipe['dataset']['val_fraction']:.0%} of train held out).", "",
-             markdown_table(results["models"]), "",
+    machine = results.get("machine") or {}
+    lines = [f"# {recipe['name']}", "", "## Settings", "", *_settings(results), "",
+             "## Verdict", "", *verdict(rows, n_test), "", noise_note(rows, n_test), "",
+             "## Results", "",
+             markdown_table(rows), "",
+             "Columns:", "", glossary(rows), "",
              "![accuracy vs cost](accuracy_vs_cost.png)", "",
-             f"commit `{results['commit']}`, wall time {results['wall_time_s']:.1f} s, "
-             f"torch {results['machine']['torch']}, {results['machine']['cpus']} CPUs", ""]
+             f"commit `{results.get('commit')}`, wall time {results.get('wall_time_s') or 0:.1f} s, "
+             f"torch {machine.get('torch')}, {machine.get('cpus')} CPUs", ""]
     atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
