@@ -39,6 +39,9 @@ CANDIDATES = {
     "r20half-cifar10": {"model": {"name": "resnet20", "widths": HALF_R20},
                         "dataset": {"name": "image-folder",
                                     "root": str(DATA / "cifar-10-jpg" / "cifar-10-jpg.zip")}},
+    "r20half-cifar10-20k": {"model": {"name": "resnet20", "widths": HALF_R20},
+                            "dataset": {"name": "image-folder", "train_limit": 20000,
+                                        "root": str(DATA / "cifar-10-jpg" / "cifar-10-jpg.zip")}},
 }
 
 

@@ -77,7 +77,8 @@ def test_each_peer_gets_exactly_the_gradient_of_its_own_loss(extras):
 
 
 def test_independent_and_mutual_on_one_context(tmp_path, one_thread):
-    recipe = load_recipe(None, TINY + ["method=mutual", "quant.first_last=same", "quant.method=dorefa"])
+    recipe = load_recipe(None, TINY + ["method=mutual", "quant.first_last=same", "quant.method=dorefa",
+                                       "quant.w_bits=4", "quant.a_bits=4"])
     ctx = RunContext(recipe, tmp_path / "run")
     get_method("independent")(ctx)
     get_method("mutual")(ctx)

@@ -30,7 +30,8 @@ def test_structured_lsq_after_other_methods_on_one_ctx(tmp_path, one_thread):
     """Structured L1 + LSQ W4A4 on a ctx whose teacher exists and another method already ran:
     rows in stage order, physically smaller distilled model with the quantized bits, the
     teacher untouched by KD and still trainable afterwards, the control trained alongside."""
-    recipe = load_recipe(None, ["method=pqkd", *TINY, "prune.criterion=l1", "prune.macs_target=0.5"])
+    recipe = load_recipe(None, ["method=pqkd", *TINY, "prune.criterion=l1", "prune.macs_target=0.5",
+                                "quant.w_bits=4", "quant.a_bits=4", "quant.first_last=same"])
     ctx = RunContext(recipe, tmp_path)
     teacher = ctx.pretrained()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -70,7 +71,7 @@ def test_structured_lsq_after_other_methods_on_one_ctx(tmp_path, one_thread):
 def test_unstructured_zeros_stay_zero_through_quantization_and_kd(tmp_path, one_thread, quant):
     out = tmp_path / "run"
     recipe = load_recipe(None, ["method=pqkd", *TINY, "prune.criterion=magnitude", "prune.ratio=0.6",
-                                "distill.control=false", *quant])
+                                "distill.control=false", "quant.w_bits=4", *quant])
     rows = _rows(run(recipe, out))
     assert [n for n in rows] == ["baseline", "pqkd/pruned", "pqkd/quantized", "pqkd/distilled"]
     pruned, quant_row, dist = rows["pqkd/pruned"], rows["pqkd/quantized"], rows["pqkd/distilled"]

@@ -334,3 +334,30 @@ def test_quantize_method_qat_and_ptq_end_to_end(tmp_path, capsys):
     rows = {r["name"]: r for r in json.loads((ptq / "results.json").read_text())["models"]}
     assert rows["minmax-w8a8-ptq"]["w_bits"] == 8 and abs(rows["minmax-w8a8-ptq"]["top1"] - base["top1"]) < 2
     assert not (ptq / "stages" / "qat").exists()
+
+
+@pytest.mark.parametrize("method, reestimated", [("dorefa", True), ("pact", True), ("lsq", False)])
+def test_calibrate_refits_batchnorm_when_the_weight_quantizer_changes_the_scale(method, reestimated):
+    """DoReFa weights live in [-1, 1], not at the float weights' scale: a pretrained network's BN
+    statistics would blow the activations up. calibrate re-estimates them (plain average over
+    the calibration batches, quantized weights); quantizers that keep the scale leave BN alone."""
+    torch.manual_seed(0)
+    model = tandem.create_model("resnet20", num_classes=10, in_channels=1, widths=[4] * 7 + [8] * 6 + [16] * 6)
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    before = {n: b.running_mean.clone() for n, b in model.named_modules() if isinstance(b, torch.nn.BatchNorm2d)}
+    quantize_(model, tandem.quant.QuantSpec(method=method, w_bits=4, a_bits=32, first_last="same"))
+    calibrate(model, iter(batches))   # a one-pass iterator serves both passes
+    model.eval()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(i[0]))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(torch.cat(batches))
+    for h in hooks:
+        h.remove()
+    for name, bn in ((n, b) for n, b in model.named_modules() if isinstance(b, torch.nn.BatchNorm2d)):
+        if reestimated:   # the statistics fit what the quantized network feeds each BN
+            spread = seen[name][0].std((0, 2, 3)) / bn.running_var.sqrt()
+            assert 0.5 < spread.median() < 2, (name, spread)
+        else:
+            assert torch.equal(bn.running_mean, before[name])

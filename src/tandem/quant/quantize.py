@@ -7,6 +7,7 @@ Data-dependent initialisation is the separate `calibrate(model, batches)` step.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 
 import torch
 import torch.nn as nn
@@ -129,13 +130,21 @@ def quantizers_of(model: nn.Module):
 def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.Module:
     """Data-dependent initialisation: weight quantizers from the weights (LSQ step, k-means
     codebooks), input quantizers from the float activations of `batches` (an iterable of x or
-    (x, y)): signedness, observer ranges, LSQ steps. The model runs in eval mode, unquantized."""
+    (x, y)): signedness, observer ranges, LSQ steps. The model runs in eval mode, with float
+    activations. When a weight quantizer changes the weights' scale (DoReFa, PACT's DoReFa
+    weights: [-1, 1]), the BatchNorm running statistics are first re-estimated on the same
+    batches with the quantized weights; a pretrained network's statistics would otherwise blow
+    its activations up layer by layer, and the observed ranges with them."""
     layers = list(quantizers_of(model))
     if not layers:
         raise TandemError("calibrate: the model has no quantized layers; call quantize_ first")
+    if iter(batches) is batches:   # a one-pass iterator: keep its batches for both passes
+        batches = list(itertools.islice(batches, num_batches))
     for layer in layers:
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.calibrate_weight(layer.weight)
+    if any(layer.weight_quantizer is not None and layer.weight_quantizer.rescales for layer in layers):
+        _reestimate_bn(model, batches, num_batches)
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     if acts:
         for a in acts:
@@ -161,6 +170,42 @@ def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.M
         for a in acts:
             a.finish_calibration()
     return model
+
+
+def _inputs(batches, num_batches, device):
+    for i, batch in enumerate(batches):
+        if num_batches is not None and i >= num_batches:
+            break
+        yield (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+
+
+@torch.no_grad()
+def _reestimate_bn(model: nn.Module, batches, num_batches) -> None:
+    """BatchNorm running mean/var as the plain average over the batches (momentum None), the
+    activations in float (observing), the weights quantized; every other module in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    if not bns:
+        return
+    was_training = model.training
+    saved = [(bn, bn.momentum) for bn in bns]
+    model.eval()
+    for a in acts:
+        a.observing = True
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        for x in _inputs(batches, num_batches, next(model.parameters()).device):
+            model(x)
+    finally:
+        for bn, momentum in saved:
+            bn.momentum = momentum
+        for a in acts:
+            a.observing = False
+            a.reset_stats()
+        model.train(was_training)
 
 
 def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:

@@ -78,6 +78,10 @@ class Quantizer(nn.Module):
 
 # ---- weights -----------------------------------------------------------------------------
 class WeightQuantizer(Quantizer):
+    # True when the quantized weight is on another scale than the float one (DoReFa's [-1, 1]):
+    # the BatchNorm statistics of a pretrained network then no longer fit (calibrate re-estimates them)
+    rescales = False
+
     def __init__(self, bits: int, per_channel: bool = False, channels: int = 1):
         super().__init__(bits)
         self.per_channel = per_channel
@@ -118,6 +122,7 @@ class DoReFaWeight(WeightQuantizer):
     also flows through tanh and the max (as in the paper)."""
 
     kind = "dorefa"
+    rescales = True
 
     def _normalised(self, w):
         t = torch.tanh(w)
