@@ -173,3 +173,12 @@ def test_grid_over_seeds_counts_controls_once(tmp_path, one_thread):
     assert p["control"] == "independent/quantized[lsq]"
     assert "Controls are counted once" in (out / "summary.md").read_text()
     assert (out / "seed1" / "grid.json").exists() and (out / "summary.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("pruners, quantizers, n", [(["a", "b", "c"], ["x", "y", "z"], 3), (["a"], ["x", "y"], 2),
+                                                    (["a", "b", "c"], ["x"], 3), (["a", "b"], ["x", "y", "z"], 3)])
+def test_control_cells_cover_every_pruner_and_quantizer_with_the_fewest_cells(pruners, quantizers, n):
+    from tandem.grid import control_cells
+    cells = control_cells(pruners, quantizers)
+    assert len(cells) == n == max(len(pruners), len(quantizers))
+    assert {p for p, _ in cells} == set(pruners) and {q for _, q in cells} == set(quantizers)
