@@ -45,11 +45,13 @@ def main():
     ap.add_argument("--pair", nargs=2, default=["l1", "lsq"], metavar=("PRUNER", "QUANTIZER"))
     ap.add_argument("--variants", nargs="+", default=["kl0.3", "kd0.5"], choices=list(VARIANTS))
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--seeds", nargs="+", type=int,
+                    help="run only these seeds, write no results (default: the grid's seeds, from its summary.json)")
     args = ap.parse_args()
     grid = Path(args.grid)
     p, q = args.pair
     tag = args.tag or f"{p}-{q}"
-    seeds = json.loads((grid / "summary.json").read_text())["seeds"]
+    seeds = args.seeds or json.loads((grid / "summary.json").read_text())["seeds"]
     per_seed = []
     for seed in seeds:
         folder = grid / f"seed{seed}"
@@ -62,7 +64,7 @@ def main():
         for variant in args.variants:
             recipe = load_recipe(str(cell_recipe), ["method=mutual", *VARIANTS[variant]])
             recipe.name = f"{recipe.name}-{variant}"
-            out = Path("runs") / f"mutual-study-{tag}" / variant / f"seed{seed}"
+            out = Path("runs") / f"mutual-study-{p}-{q}" / variant / f"seed{seed}"
             result = run_folder(out, recipe, what="study")
             for r in result["models"]:
                 peer = r["name"].removeprefix("mutual/")
@@ -71,6 +73,9 @@ def main():
                     rows.append({"name": f"{variant}/mutual/{peer}", "top1": r["top1"], "macs": r["macs"],
                                  "bops": r["bops"], "control": f"independent/{peer}[{key}]"})
         per_seed.append(rows)
+    if args.seeds:
+        print(f"ran seeds {args.seeds}; rerun without --seeds for the results file")
+        return
     summary = summarize(seeds, per_seed, command="mutual_study", pair=[p, q], variants=args.variants,
                         overrides={v: VARIANTS[v] for v in args.variants},
                         recipe=json.loads(json.dumps(load_recipe(str(grid / "seed0" / f"{p}-{q}" / "recipe.yaml"))
