@@ -41,7 +41,9 @@ def main():
     if tandem(cli) != 0:
         sys.exit(2)
     summary = json.loads((out / "summary.json").read_text())
-    walls = {p.parent.name: json.loads(p.read_text()).get("wall_time_s") for p in sorted(out.glob("seed*/results.json"))}
+    # every run folder's own wall time: each seed of `run`, each baseline and cell of `grid`
+    walls = {str(p.parent.relative_to(out)): json.loads(p.read_text()).get("wall_time_s")
+             for p in sorted(out.glob("seed*/**/results.json"))}
     path = write_result(f"seeds-{args.tag}", {"tandem_command": "tandem " + " ".join(cli), "run_dir": str(out),
                                               "seed_wall_time_s": walls, "summary": summary})
     md = (out / "summary.md").read_text().replace("](summary.png)", f"]({out}/summary.png)")

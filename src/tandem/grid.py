@@ -18,12 +18,11 @@ the quantizer: same baseline, quantizer, data order and seed, and nothing couple
 independent stage) and the independent pruned peer depends only on the pruner, so the summary
 holds one `independent/pruned[<pruner>]` per pruner and one `independent/quantized[<quantizer>]`
 per quantizer, each taken from one cell, and pairs every mutual row with its control in the same
-seed. Were a control to differ between cells, summary.md says so.
+seed (the cells that train them: `control_cells`).
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from .engine.checkpoint import atomic_write
 from .errors import TandemError
+from .summary import fmt as _f
 
 DEFAULT_PRUNERS = ("l1", "fpgm", "hrank")
 DEFAULT_QUANTIZERS = ("dorefa", "pact", "lsq")
@@ -162,7 +162,7 @@ def run_grid_seeds(recipe_path: str | None, pruners, quantizers, seeds: list[int
     """One whole grid per seed in DIR/seed<N>/ (run_grid: finished cells are read, interrupted
     ones resume), then the statistics over seeds in DIR/summary.{json,md,png}; returns the summary."""
     from .recipes import load_recipe
-    from .summary import control_mismatches, grid_rows, summarize, write_summary
+    from .summary import grid_rows, summarize, write_summary
 
     overrides = list(overrides)
     recipe = load_recipe(recipe_path, overrides)   # validates before anything is written
@@ -178,14 +178,9 @@ def run_grid_seeds(recipe_path: str | None, pruners, quantizers, seeds: list[int
                  for c in summary["pairs"]]
         per_seed.append(grid_rows(cells))
     result = summarize(seeds, per_seed, command="grid", recipe=recipe.model_dump(mode="json"),
-                       pruners=summary["pruners"], quantizers=summary["quantizers"],
-                       control_mismatches=control_mismatches(seeds, per_seed))
+                       pruners=summary["pruners"], quantizers=summary["quantizers"])
     write_summary(out, result)
     return result
-
-
-def _f(v, fmt="{:.2f}") -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
 def grid_markdown(summary: dict) -> str:

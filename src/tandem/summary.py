@@ -96,10 +96,8 @@ def grid_rows(cells: list[tuple[str, str, list[dict]]]) -> list[dict]:
     Mutual rows are named `<pruner>-<quantizer>/mutual/<peer>`. Controls are counted once:
     the independent pruned peer depends only on the pruner and the quantized one only on the
     quantizer, so they become `independent/pruned[<pruner>]` and
-    `independent/quantized[<quantizer>]`, taken from the first cell that has them, and each
-    mutual row names the one for its pruner or quantizer as its control. Each control row also
-    keeps `cell_top1`, its test top-1 in every cell, so a control that is not the same network in
-    every cell shows (`control_mismatches`)."""
+    `independent/quantized[<quantizer>]`, taken from the cell that trained them, and each
+    mutual row names the one for its pruner or quantizer as its control."""
     base, controls, mutual = [], {"pruned": {}, "quantized": {}}, {"pruned": [], "quantized": []}
     for p, q, rows in cells:
         by = {r["name"]: r for r in rows}
@@ -109,8 +107,7 @@ def grid_rows(cells: list[tuple[str, str, list[dict]]]) -> list[dict]:
             name = f"independent/{peer}[{key}]"
             ind = by.get(f"independent/{peer}")
             if ind is not None:
-                row = controls[peer].setdefault(name, _slim(ind, name))
-                row.setdefault("cell_top1", []).append(ind.get("top1"))
+                controls[peer].setdefault(name, _slim(ind, name))
             if f"mutual/{peer}" in by:
                 mutual[peer].append(_slim(by[f"mutual/{peer}"], f"{p}-{q}/mutual/{peer}", name))
     for peer in mutual:   # a control may come from a later cell (grid.control_cells)
@@ -128,16 +125,10 @@ def _slim(row: dict, name: str, control: str | None = None) -> dict:
     return out
 
 
-def control_mismatches(seeds: list[int], per_seed: list[list[dict]]) -> list[dict]:
-    """Grid control rows whose test top-1 differs between the cells of one seed."""
-    return [{"seed": s, "control": r["name"], "cell_top1": r["cell_top1"]}
-            for s, rows in zip(seeds, per_seed) for r in rows
-            if len(set(r.get("cell_top1") or [])) > 1]
-
-
 # ---- writers ------------------------------------------------------------------------------
-def _f(v, fmt="{:.2f}") -> str:
-    return "-" if not _num(v) else fmt.format(v)
+def fmt(v, spec="{:.2f}") -> str:
+    """A number as text, "-" when missing or not finite (tables of grid.md and summary.md)."""
+    return "-" if not _num(v) else spec.format(v)
 
 
 WHAT_THE_INTERVAL_MEANS = (
@@ -167,24 +158,20 @@ def summary_markdown(s: dict) -> str:
              WHAT_THE_INTERVAL_MEANS, ""]
     if s.get("command") == "grid":
         lines += [WHAT_GRID_CONTROLS_ARE, ""]
-        for m in s.get("control_mismatches", []):
-            lines += [f"**Warning**: seed {m['seed']}: `{m['control']}` differs between cells "
-                      f"({', '.join(_f(v) for v in m['cell_top1'])}); it is not one network, and the first "
-                      f"cell's value is used.", ""]
     lines += ["| model | n | test top-1 mean | std | 95% CI +- | per seed | MACs (M) | BOPs (G) |", "|" + "---|" * 8]
     for row in s["rows"]:
-        lines.append(f"| {row['name']} | {row['n']} | {_f(row['mean_top1'])} | {_f(row['std_top1'])} | "
-                     f"{_f(row['ci95_top1'])} | {', '.join(_f(v) for v in row['top1'])} | "
-                     f"{_f(row['mean_macs'] and row['mean_macs'] * 1e-6, '{:.3f}')} | "
-                     f"{_f(row['mean_bops'] and row['mean_bops'] * 1e-9, '{:.3f}')} |")
+        lines.append(f"| {row['name']} | {row['n']} | {fmt(row['mean_top1'])} | {fmt(row['std_top1'])} | "
+                     f"{fmt(row['ci95_top1'])} | {', '.join(fmt(v) for v in row['top1'])} | "
+                     f"{fmt(row['mean_macs'] and row['mean_macs'] * 1e-6, '{:.3f}')} | "
+                     f"{fmt(row['mean_bops'] and row['mean_bops'] * 1e-9, '{:.3f}')} |")
     lines += ["", "## Paired: method - control, seed by seed", "", WHAT_PAIRED_MEANS, ""]
     if s["paired"]:
         lines += ["| method | control | n | mean diff (pp) | 95% CI (pp) | diffs per seed | wins |", "|" + "---|" * 7]
         for p in s["paired"]:
             ci = p["ci95_diff"]
             interval = "-" if ci is None else f"[{p['mean_diff'] - ci:+.2f}, {p['mean_diff'] + ci:+.2f}]"
-            lines.append(f"| {p['method']} | {p['control']} | {p['n']} | {_f(p['mean_diff'], '{:+.2f}')} | "
-                         f"{interval} | {', '.join(_f(d, '{:+.2f}') for d in p['diffs'])} | {p['wins']}/{p['n']} |")
+            lines.append(f"| {p['method']} | {p['control']} | {p['n']} | {fmt(p['mean_diff'], '{:+.2f}')} | "
+                         f"{interval} | {', '.join(fmt(d, '{:+.2f}') for d in p['diffs'])} | {p['wins']}/{p['n']} |")
     else:
         lines.append("No row names a control in its run.")
     lines += ["", "![test top-1 over seeds](summary.png)", ""]

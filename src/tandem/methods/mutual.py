@@ -27,6 +27,7 @@ from ..distill import FeatureTap, HintLoss, kl_divergence, mutual_losses
 from ..distill.spec import MutualSpec
 from ..errors import RecipeError
 from ..prune import PruneSpec
+from ..prune.spec import default_scope
 from ..quant import QuantSpec
 from . import register_method
 from .prune import PrunedNet, build_pruned
@@ -55,7 +56,7 @@ def check_scratch(spec: PruneSpec) -> None:
         why = "prune.schedule = iterative fine-tunes P alone between steps"
     elif spec.sparsity_epochs:
         why = f"prune.sparsity_epochs = {spec.sparsity_epochs} trains P alone first"
-    elif spec.schedule == "one_shot" and (spec.scope or ("global" if spec.criterion == "bn_scale" else "layer")) == "global":
+    elif spec.schedule == "one_shot" and (spec.scope or default_scope(spec.criterion)) == "global":
         why = "global ranking would compare random weights across layers (use prune.scope=layer)"
     if why:
         raise RecipeError(f"recipe error: mutual.init = 'scratch': {why}")

@@ -14,6 +14,7 @@ from .criteria import Criterion, get_criterion
 from .groups import ChannelGraph
 from .masks import apply_weight_masks, magnitude_masks, zero_channels
 from .select import Removed, check_args, select
+from .spec import default_scope
 from .surgery import apply_removal
 
 
@@ -30,7 +31,7 @@ class ChannelPruner:
                  criterion_options: Optional[dict] = None, ignore: Sequence[str] = ()):
         self.criterion = criterion if isinstance(criterion, Criterion) else \
             get_criterion(criterion, **(criterion_options or {}))
-        scope = scope or ("global" if self.criterion.name == "bn_scale" else "layer")
+        scope = scope or default_scope(self.criterion.name)
         normalize = self.criterion.normalize if normalize == "auto" else normalize
         check_args(ratio, macs_target, scope, max_ratio, normalize)
         self.options = dict(ratio=ratio, macs_target=macs_target, scope=scope, max_ratio=max_ratio,

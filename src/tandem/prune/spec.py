@@ -8,6 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import one_of
 
 
+def default_scope(criterion: str) -> str:
+    """The ranking scope when none is given: global for bn_scale (network slimming ranks all BN
+    scales together), per layer for the others."""
+    return "global" if criterion == "bn_scale" else "layer"
+
+
 class PruneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -153,13 +153,9 @@ def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.M
         was_training = model.training
         model.eval()
         seen = 0
-        device = next(model.parameters()).device
         try:
-            for i, batch in enumerate(batches):
-                if num_batches is not None and i >= num_batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x.to(device))
+            for x in _inputs(batches, num_batches, next(model.parameters()).device):
+                model(x)
                 seen += 1
         finally:
             for a in acts:
