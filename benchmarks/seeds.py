@@ -45,6 +45,8 @@ def main():
     walls = {str(p.parent.relative_to(out)): json.loads(p.read_text()).get("wall_time_s")
              for p in sorted(out.glob("seed*/**/results.json"))}
     path = write_result(f"seeds-{args.tag}", {"tandem_command": "tandem " + " ".join(cli), "run_dir": str(out),
+                                              "load_average_is_of": "this collecting call; folders trained "
+                                              "before it ran under their own load (seed_wall_time_s)",
                                               "seed_wall_time_s": walls, "summary": summary})
     md = (out / "summary.md").read_text().replace("](summary.png)", f"]({out}/summary.png)")
     (RESULTS / f"seeds-{args.tag}.md").write_text(
