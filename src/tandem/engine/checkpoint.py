@@ -63,6 +63,16 @@ def register_transform(kind: str):
     return deco
 
 
+def replay_transforms(model: torch.nn.Module, transforms: list, source: str = "the model") -> torch.nn.Module:
+    """Apply recorded transforms (in order) to a freshly built model: the architecture they made."""
+    for spec in transforms:
+        if spec.get("kind") not in _TRANSFORMS:
+            raise CheckpointError(f"{source} needs transform {spec.get('kind')!r}, which this version of tandem "
+                                  f"does not have (known: {', '.join(sorted(_TRANSFORMS)) or 'none'})")
+        model = _TRANSFORMS[spec["kind"]](model, spec)
+    return model
+
+
 def save_model(model: torch.nn.Module, path: Path, **metadata) -> None:
     """Weights as safetensors; `model.config`, its transforms and extra metadata as JSON in the header."""
     meta = {"config": json.dumps(getattr(model, "config", None)),
@@ -109,11 +119,6 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     config = meta.get("config")
     if not config:
         raise CheckpointError(f"{path} has no model config in its metadata; it was not written by tandem")
-    model = create_model(**config)
-    for spec in meta.get("transforms") or []:
-        if spec.get("kind") not in _TRANSFORMS:
-            raise CheckpointError(f"{path} needs transform {spec.get('kind')!r}, which this version of tandem "
-                                  f"does not have (known: {', '.join(sorted(_TRANSFORMS)) or 'none'})")
-        model = _TRANSFORMS[spec["kind"]](model, spec)
+    model = replay_transforms(create_model(**config), meta.get("transforms") or [], source=str(path))
     load_state(model, state, str(path))
     return model, meta

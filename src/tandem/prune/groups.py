@@ -79,11 +79,17 @@ _NONZERO_FUNCS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _NONZERO_METHODS = {"sigmoid"}
 
 
+_BN = nn.modules.batchnorm._BatchNorm   # BatchNorm1d/2d/3d and SyncBatchNorm (after a multi-GPU stage)
+_LAYERS = (nn.Conv2d, nn.Linear, _BN)
+
+
 class _Tracer(fx.Tracer):
-    """Keeps channel-map modules whole, so the graph sees one call it knows how to follow."""
+    """Keeps channel-map modules and every conv, linear and BN whole (subclasses included: a
+    quantized layer is the layer it wraps, and its quantizers never enter the graph), so the
+    graph sees one call it knows how to follow."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return hasattr(m, "channel_map") or super().is_leaf_module(m, qualname)
+        return hasattr(m, "channel_map") or isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
 
 
 class ChannelGraph:
@@ -220,8 +226,8 @@ class ChannelGraph:
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             self._calls[name] = self._calls.get(name, 0) + 1
             self._add_layer(name, mod, node)
-        if x is None and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
-            return self._fresh(node, frozen=isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)))
+        if x is None and isinstance(mod, _LAYERS):
+            return self._fresh(node, frozen=isinstance(mod, _BN))
         if isinstance(mod, nn.Conv2d):
             if x[1] != 1:
                 return unknown(node)
@@ -249,7 +255,7 @@ class ChannelGraph:
             out = self._new(len(mod.channel_map))
             self._members[out].append(Member(name, "map_out"))
             return (((out, len(mod.channel_map)),), 1)
-        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)) and x[1] == 1:
+        if isinstance(mod, _BN) and x[1] == 1:
             members(x, name, "bn")
             return x
         if isinstance(mod, _PASS_MODULES):

@@ -23,7 +23,7 @@ class SlimmingPenalty:
     def after_backward(self, trainer) -> None:
         for net in trainer.nets.values():
             for m in net.modules():
-                if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine and m.weight.grad is not None:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight.grad is not None:
                     m.weight.grad.add_(torch.sign(m.weight), alpha=self.lam)
 
 

@@ -13,6 +13,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..engine.checkpoint import replay_transforms
 from ..errors import TandemError
 from .groups import ChannelGraph
 from .select import Removed
@@ -48,7 +49,7 @@ def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
         dev = mod.weight.device if getattr(mod, "weight", None) is not None else None
         if hasattr(mod, "channel_map"):
             _remap(mod, in_drop.get(name, set()), out_drop.get(name, set()))
-        elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             keep = _keep(mod.num_features, out_drop[name], mod.running_mean.device)
             if mod.affine:
                 mod.weight = _param(mod.weight, keep, 0)
@@ -59,18 +60,21 @@ def remove_channels(graph: ChannelGraph, removed: Removed) -> None:
         elif isinstance(mod, (nn.Conv2d, nn.Linear)):
             conv = isinstance(mod, nn.Conv2d)
             out_attr, in_attr = ("out_channels", "in_channels") if conv else ("out_features", "in_features")
+            out_keep = in_keep = None
             if name in out_drop:
-                keep = _keep(getattr(mod, out_attr), out_drop[name], dev)
-                mod.weight = _param(mod.weight, keep, 0)
+                out_keep = _keep(getattr(mod, out_attr), out_drop[name], dev)
+                mod.weight = _param(mod.weight, out_keep, 0)
                 if mod.bias is not None:
-                    mod.bias = _param(mod.bias, keep, 0)
-                setattr(mod, out_attr, len(keep))
+                    mod.bias = _param(mod.bias, out_keep, 0)
+                setattr(mod, out_attr, len(out_keep))
                 if conv and mod.groups > 1:      # depthwise: its inputs are its outputs
-                    mod.in_channels = mod.groups = len(keep)
+                    mod.in_channels = mod.groups = len(out_keep)
             if name in in_drop:
-                keep = _keep(getattr(mod, in_attr), in_drop[name], dev)
-                mod.weight = _param(mod.weight, keep, 1)
-                setattr(mod, in_attr, len(keep))
+                in_keep = _keep(getattr(mod, in_attr), in_drop[name], dev)
+                mod.weight = _param(mod.weight, in_keep, 1)
+                setattr(mod, in_attr, len(in_keep))
+            if getattr(mod, "weight_quantizer", None) is not None:   # a quantized layer's per-channel state
+                mod.weight_quantizer.keep_channels(out_keep, in_keep)
 
 
 def _remap(mod: nn.Module, in_drop: set[int], out_drop: set[int]) -> None:
@@ -113,6 +117,7 @@ def rebuild(model: nn.Module) -> nn.Module:
     if "channel_maps" in kwargs:     # builders that take explicit shortcut maps (option-A ResNets)
         kwargs["channel_maps"] = maps or None
     fresh = create_model(**{**config, "widths": widths, "kwargs": kwargs})
+    fresh = replay_transforms(fresh, getattr(model, "tandem_transforms", []))   # e.g. quantize_ before pruning
     state = model.state_dict()
     own = fresh.state_dict()
     bad = [k for k in own if k not in state or own[k].shape != state[k].shape]

@@ -63,6 +63,13 @@ class KMeansWeight(WeightQuantizer):
         self.index.copy_(full)
         self.set_flags(calibrated=True)
 
+    @torch.no_grad()
+    def keep_channels(self, out_keep, in_keep):
+        """Each weight keeps its codebook index: slice the index like the weight."""
+        for dim, keep in ((0, out_keep), (1, in_keep)):
+            if keep is not None:
+                self.index = self.index.index_select(dim, keep.to(self.index.device)).clone()
+
     def forward(self, w):
         if not self.calibrated:
             self._need_calibration()

@@ -91,6 +91,22 @@ class WeightQuantizer(Quantizer):
         """Initialise from the weights (data-free); the default needs nothing."""
         self.set_flags(calibrated=True)
 
+    # parameters / buffers with one entry per output channel when per_channel (LSQ's step)
+    per_channel_state: tuple[str, ...] = ()
+
+    @torch.no_grad()
+    def keep_channels(self, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> None:
+        """Pruning surgery kept these output / input channels of the layer: slice the
+        per-channel state to match (the quantized weights of kept channels are unchanged)."""
+        if out_keep is None or not self.per_channel:
+            return
+        for name in self.per_channel_state:
+            t = getattr(self, name)
+            sliced = t.index_select(0, out_keep.to(t.device)).clone()
+            setattr(self, name, nn.Parameter(sliced, requires_grad=t.requires_grad)
+                    if isinstance(t, nn.Parameter) else sliced)
+        self.channels = len(out_keep)
+
     def affine(self, w: torch.Tensor):
         """(codes int64 in [0, 2^bits-1], scale, shift) with forward(w) == codes*scale + shift;
         scale/shift are per output channel (shape C_out) or scalars (shape ())."""
@@ -206,6 +222,7 @@ class LSQWeight(WeightQuantizer):
     step s (per tensor or per output channel), gradient-scaled by 1/sqrt(N * Q_P)."""
 
     kind = "lsq"
+    per_channel_state = ("step",)
 
     def __init__(self, bits, per_channel=False, channels=1):
         super().__init__(bits, per_channel, channels)
