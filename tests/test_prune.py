@@ -13,9 +13,10 @@ from tandem import cost
 from tandem.engine import load_model, save_model
 from tandem.errors import RecipeError, TandemError
 from tandem.models import create_model, list_models
-from tandem.prune import (ChannelGraph, ChannelPruner, KeepMasked, SlimmingPenalty, SoftPruning, attach_gate,
+from tandem.prune import (ChannelGraph, ChannelPruner, KeepMasked, SlimmingPenalty, SoftPruning,
                           get_criterion, list_criteria, magnitude_masks, prune, select)
 from tandem.prune.masks import apply_weight_masks
+from tandem.prune.gates import gate_, ungate_
 from tandem.prune.select import MacsModel
 from nets import INPUTS, UserNet as _UserNet, randomize_bn as _randomize_bn
 
@@ -155,13 +156,11 @@ def test_option_a_resnet_prunes_its_residual_streams_through_the_shortcut_map(tm
     loaded, _ = load_model(tmp_path / "p.safetensors")
     assert torch.equal(loaded.eval()(x), small(x))
     # gating a residual stream gates the shortcut's copy too
-    group = next(g for g in graph.groups if g.name == "layer3.0.conv2")
-    gate = torch.ones(64)
-    gate[[3, 40]] = 0
-    handles = attach_gate(graph, group, lambda: gate)
+    gates = gate_(model, x[:1], "sign", groups=["layer3.0.conv2"])
+    with torch.no_grad():
+        gates.gates["layer3/0/conv2"].m.fill_(1.0)[[3, 40]] = -1.0
     gated = model(x)
-    for h in handles:
-        h.remove()
+    assert {k: v.tolist() for k, v in ungate_(model).items()} == {"layer3.0.conv2": [3, 40]}
     masked = copy.deepcopy(model)
     ChannelPruner(masked, x[:1], "l1", ratio=0.0).mask({"layer3.0.conv2": torch.tensor([3, 40])})
     torch.testing.assert_close(gated, masked(x))
@@ -220,11 +219,11 @@ def test_layers_called_twice_are_left_alone_and_gates_equal_masks():
     model = _randomize_bn(_TwoConv())
     x = torch.randn(2, 2, 6, 6)
     graph = ChannelGraph(model, x[:1])
-    group = next(g for g in graph.groups if g.name == "conv1")
-    handles = attach_gate(graph, group, lambda: torch.tensor([1.0, 0.0, 1.0]))
+    gates = gate_(model, x[:1], "sign", groups=["conv1"])
+    with torch.no_grad():
+        gates.gates["conv1"].m.copy_(torch.tensor([1.0, -1.0, 1.0]))
     gated = model(x)
-    for h in handles:
-        h.remove()
+    ungate_(model)
     masked = copy.deepcopy(model)
     ChannelPruner(masked, x[:1], ratio=0.0).mask({"conv1": torch.tensor([1])})
     torch.testing.assert_close(gated, masked(x))

@@ -1,5 +1,5 @@
-"""Masks: zeroing channels in place (hard or soft), gating them (the hook point for PDD's and
-SBS's learned gates), and per-weight magnitude masks (Han et al.).
+"""Masks: zeroing channels in place (hard or soft) and per-weight magnitude masks (Han et al.).
+Learned gates, which multiply channels instead of zeroing weights, are in gates.py.
 
 A *hard* channel mask zeroes everything that produces the channel: the filters and biases of
 its convs/linears and depthwise convs and the BN's scale and shift. The channel is then 0
@@ -10,13 +10,11 @@ the gradients let them regrow.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
 from ..errors import TandemError
-from .groups import ChannelGraph, Group
+from .groups import ChannelGraph
 from .select import Removed
 
 
@@ -46,26 +44,6 @@ def zero_channels(graph: ChannelGraph, removed: Removed, soft: bool = False, bn:
             elif m.kind == "bn" and bn and mod.affine:
                 mod.weight[rows] = 0
                 mod.bias[rows] = 0
-
-
-def attach_gate(graph: ChannelGraph, group: Group, gate: Callable[[], torch.Tensor]) -> list:
-    """Multiply the group's channels by ``gate()`` (a (size,) tensor, e.g. a learned binary
-    mask with a straight-through gradient) wherever they are produced: after each BN of the
-    group, else after each producer, and after each channel-map module (option-A shortcut)
-    feeding it. Gating every producer of a residual sum gates the sum.
-    Returns the hook handles (``h.remove()`` detaches)."""
-    sites = (group.of_kind("bn") or group.of_kind("out", "dw")) + group.of_kind("map_out")
-
-    def hook(offset):
-        def fn(_module, _inputs, out):
-            g = gate().to(out.dtype)
-            shape = (1, -1) + (1,) * (out.dim() - 2)
-            scale = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
-            scale = torch.cat([scale[:offset], g.to(out.device), scale[offset + group.size:]])
-            return out * scale.view(shape)
-        return fn
-
-    return [graph.module(m.module).register_forward_hook(hook(m.offset)) for m in sites]
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -1,0 +1,285 @@
+"""Learned channel gates: modules in the model, one per channel group of the channel graph.
+
+    gates = gate_(model, example_input, "sign")     # PDD's masks, on every prunable group
+    ...train: the gates are parameters of the model (optimiser, checkpoints, DDP, deepcopy)...
+    small = remove_closed(model, example_input)     # the physically smaller model
+
+A gate owns a (size,) vector of 0/1 values with a straight-through gradient. It multiplies its
+group's channels wherever they are produced: after each BN of the group (else after each
+producing conv/linear) and after each channel-map module (option-A shortcut) feeding it, so
+gating every producer of a residual sum gates the sum. A closed channel is then exactly 0
+everywhere it is read, and in eval mode the gated model computes what the model with those
+channels removed computes (surgery is exact on the same groups).
+
+The gates live in ``model.channel_gates`` (a ChannelGates module): saved with the model's state
+dict, loaded from stage checkpoints, wrapped by DDP, copied by ``copy.deepcopy`` (the forward
+hooks are objects that point at the container, so a copy's hooks point at the copy's gates).
+``gate_`` records itself in ``model.tandem_transforms``, so a model file written while gated
+is rebuilt gated by ``load_model``.
+
+Two kinds on one mechanism (GATES):
+- ``sign`` (PDD, methods.md §3.2): g = 1[m > 0], m ~ N(0, init_std²), gradient of Bi-Real's
+  ApproxSign: dg/dm = 1 - |m| on (-1, 1), 0 elsewhere. (The paper's g = 0.5 at m == 0 exactly
+  is taken as closed, so a gated model is always exactly a pruned one.)
+- ``threshold`` (SBS, §5.4): groups of ``group_size`` channels scored by
+  mean|W_group| / max|W_layer| of the group's producing layer; g = 1[score > t], t learnable
+  (initialised to 0: all open), gradient of sigmoid(score - t).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..engine.checkpoint import register_transform
+from ..errors import TandemError
+from .groups import ChannelGraph, Group
+from .select import Removed
+from .surgery import apply_removal
+
+ATTR = "channel_gates"
+
+
+def approx_sign(m: torch.Tensor) -> torch.Tensor:
+    """sign(m) forward (+1 for m > 0, else -1), the ApproxSign polynomial's gradient backward."""
+    surrogate = torch.where(m < -1, -torch.ones_like(m),
+                            torch.where(m < 0, m * m + 2 * m, torch.where(m < 1, -m * m + 2 * m, torch.ones_like(m))))
+    hard = torch.where(m > 0, 1.0, -1.0).to(m.dtype)
+    return hard - surrogate.detach() + surrogate
+
+
+def threshold_ste(score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """1[score > threshold] forward, the gradient of sigmoid(score - threshold) backward (SBS's gates)."""
+    soft = torch.sigmoid(score - threshold)
+    return (score > threshold).to(soft.dtype) - soft.detach() + soft
+
+
+class Gate(nn.Module):
+    """0/1 per channel of one group. ``forward()`` -> (size,) with a straight-through gradient;
+    ``strength()`` -> how open each channel is (a group never loses all its channels: when every
+    gate is closed the strongest channel is kept)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def strength(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """What rebuilds this gate (sizes and options; the parameters are in the state dict)."""
+        return {"size": self.size}
+
+
+class SignGate(Gate):
+    def __init__(self, size: int, init_std: float = 1e-3, layer: nn.Module | None = None):
+        super().__init__(size)
+        self.init_std = init_std
+        self.m = nn.Parameter(torch.randn(size) * init_std)
+
+    def forward(self) -> torch.Tensor:
+        return (approx_sign(self.m) + 1) / 2
+
+    def strength(self) -> torch.Tensor:
+        return self.m.detach()
+
+    def config(self) -> dict:
+        return {"size": self.size, "init_std": self.init_std}
+
+
+class ThresholdGate(Gate):
+    def __init__(self, size: int, layer: nn.Module, group_size: int = 1, init: float = 0.0):
+        super().__init__(size)
+        if size % group_size:
+            raise TandemError(f"group_size={group_size} does not divide the {size} channels of a gated group")
+        self.group_size = group_size
+        object.__setattr__(self, "layer", layer)   # read, not owned: its weights stay where they are
+        self.threshold = nn.Parameter(torch.tensor(float(init)))
+
+    def scores(self) -> torch.Tensor:
+        """mean|W_group| / max|W_layer| per group of channels of the producing layer."""
+        w = self.layer.weight.abs()
+        per_group = w[: self.size].reshape(self.size // self.group_size, -1).mean(1)
+        return per_group / w.max().clamp_min(1e-12)
+
+    def forward(self) -> torch.Tensor:
+        return threshold_ste(self.scores(), self.threshold).repeat_interleave(self.group_size)
+
+    def strength(self) -> torch.Tensor:
+        return (self.scores() - self.threshold).detach().repeat_interleave(self.group_size)
+
+    def config(self) -> dict:
+        return {"size": self.size, "group_size": self.group_size}
+
+
+GATES: dict[str, type[Gate]] = {"sign": SignGate, "threshold": ThresholdGate}
+
+
+class _GateHook:
+    """A forward hook multiplying channels offset..offset+size of a module's output by a gate.
+    An object (not a closure) so that deepcopy gives the copy's hooks the copy's gates."""
+
+    def __init__(self, gates: "ChannelGates", key: str, offset: int):
+        self.gates, self.key, self.offset = gates, key, offset
+
+    def __call__(self, module, inputs, out):
+        g = self.gates.gates[self.key]().to(out.dtype)
+        n = out.shape[1]
+        if self.offset or g.numel() != n:
+            ones = torch.ones(n, dtype=out.dtype, device=out.device)
+            g = torch.cat([ones[:self.offset], g, ones[self.offset + g.numel():]])
+        return out * g.view((1, -1) + (1,) * (out.dim() - 2))
+
+
+def _key(group_name: str) -> str:
+    return group_name.replace(".", "/")
+
+
+class ChannelGates(nn.Module):
+    """The model's gates (``gates``: group name with '/' for '.' -> Gate) and where each acts
+    (``sites``: key -> [(module name, channel offset)]); ``macs_terms`` (from the traced graph)
+    gives the MACs as a function of the gates."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.gates = nn.ModuleDict()
+        self.sites: dict[str, list[tuple[str, int]]] = {}
+        self.sources: dict[str, str] = {}
+        self.macs_terms: list | None = None
+
+    def group_names(self) -> list[str]:
+        return [k.replace("/", ".") for k in self.gates]
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """{group name: hard 0/1 values} (no gradient)."""
+        with torch.no_grad():
+            return {k.replace("/", "."): g().detach() for k, g in self.gates.items()}
+
+    def closed(self) -> Removed:
+        """{group name: indices of closed channels}; a group keeps at least its strongest channel."""
+        out = {}
+        with torch.no_grad():
+            for k, gate in self.gates.items():
+                shut = gate() <= 0.5
+                if shut.all():
+                    shut[gate.strength().argmax()] = False
+                if shut.any():
+                    out[k.replace("/", ".")] = shut.nonzero().flatten().cpu()
+        return out
+
+    def kept(self) -> dict[str, int]:
+        """{group name: channels the gates keep}."""
+        closed = self.closed()
+        return {name: g.size - len(closed.get(name, ())) for name, g in zip(self.group_names(), self.gates.values())}
+
+    def macs(self) -> torch.Tensor:
+        """The conv/linear MACs with each group at its gated width, differentiable through the gates
+        (a channel counts as its gate value)."""
+        if self.macs_terms is None:
+            raise TandemError("these gates were rebuilt from a file without the traced graph; "
+                              "gate the model with gate_ to count MACs")
+        kept = {k: g().sum() for k, g in self.gates.items()}
+        total = 0.0
+        for unit, out, inp, outs, ins in self.macs_terms:
+            o = out - sum(self.gates[k].size - kept[k] for k in outs)
+            i = inp - sum(r * (self.gates[k].size - kept[k]) for k, r in ins)
+            total = total + unit * o * i
+        return total
+
+
+def _sites(group: Group) -> list[tuple[str, int]]:
+    members = (group.of_kind("bn") or group.of_kind("out", "dw")) + group.of_kind("map_out")
+    return [(m.module, m.offset) for m in members]
+
+
+def _macs_terms(graph: ChannelGraph, keys: dict[str, Group]) -> list:
+    terms = []
+    for name, layer in graph.layers.items():
+        outs = [k for k, g in keys.items() for m in g.members if m.module == name and m.kind in ("out", "dw")]
+        ins = [(k, m.repeat) for k, g in keys.items() for m in g.members if m.module == name and m.kind == "in"]
+        terms.append((layer.unit, layer.out, layer.in_pg, outs, ins))
+    return terms
+
+
+def _attach(model: nn.Module, container: ChannelGates) -> None:
+    model.add_module(ATTR, container)
+    for key, sites in container.sites.items():
+        for module, offset in sites:
+            model.get_submodule(module).register_forward_hook(_GateHook(container, key, offset))
+
+
+def gate_(model: nn.Module, example_input: torch.Tensor, kind: str = "sign", *, groups=None,
+          **options) -> ChannelGates:
+    """Attach one gate of ``kind`` ('sign' or 'threshold') to every prunable channel group of
+    ``model`` (or to the groups named in ``groups``), in place; returns the gates.
+    ``options`` go to the gate (``init_std``; ``group_size``, ``init``)."""
+    if kind not in GATES:
+        raise TandemError(f"gate kind {kind!r} is not known; allowed: {', '.join(GATES)}")
+    if hasattr(model, ATTR):
+        raise TandemError(f"{type(model).__name__} already has channel gates; remove them first (ungate_)")
+    graph = ChannelGraph(model, example_input)
+    chosen = [g for g in graph.groups if groups is None or g.name in groups]
+    if groups is not None and len(chosen) != len(set(groups)):
+        missing = sorted(set(groups) - {g.name for g in chosen})
+        raise TandemError(f"no prunable channel group named {', '.join(missing)}; "
+                          f"the groups are: {', '.join(g.name for g in graph.groups)}")
+    if not chosen:
+        raise TandemError(f"{type(model).__name__} has no prunable channel groups to gate")
+    container = ChannelGates(kind)
+    device = example_input.device
+    for group in chosen:
+        key = _key(group.name)
+        layer = graph.module(group.name)
+        container.gates[key] = GATES[kind](group.size, layer=layer, **options).to(device)
+        container.sites[key] = _sites(group)
+        container.sources[key] = group.name
+    container.macs_terms = _macs_terms(graph, {_key(g.name): g for g in chosen})
+    _attach(model, container)
+    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), {
+        "kind": "gates", "gate": kind,
+        "groups": {k: {**g.config(), "sites": container.sites[k], "source": container.sources[k]}
+                   for k, g in container.gates.items()}}]
+    return container
+
+
+@register_transform("gates")
+def _rebuild(model: nn.Module, record: dict) -> nn.Module:
+    """A gated model from its file: the same gates at the same sites (no tracing needed)."""
+    container = ChannelGates(record["gate"])
+    for key, g in record["groups"].items():
+        options = {k: v for k, v in g.items() if k not in ("size", "sites", "source")}
+        container.gates[key] = GATES[record["gate"]](g["size"], layer=model.get_submodule(g["source"]), **options)
+        container.sites[key] = [tuple(s) for s in g["sites"]]
+        container.sources[key] = g["source"]
+    _attach(model, container)
+    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), record]
+    return model
+
+
+def gates_of(model: nn.Module) -> ChannelGates | None:
+    return getattr(model, ATTR, None)
+
+
+def ungate_(model: nn.Module) -> Removed:
+    """Detach the gates (hooks, container and transform record); returns the closed channels."""
+    container = gates_of(model)
+    if container is None:
+        raise TandemError(f"{type(model).__name__} has no channel gates")
+    closed = container.closed()
+    for sites in container.sites.values():
+        for module, _ in sites:
+            hooks = model.get_submodule(module)._forward_hooks
+            for hid in [h for h, fn in hooks.items() if isinstance(fn, _GateHook)]:
+                del hooks[hid]
+    delattr(model, ATTR)
+    model.tandem_transforms = [t for t in getattr(model, "tandem_transforms", []) if t.get("kind") != "gates"]
+    return closed
+
+
+def remove_closed(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """The physically smaller model: a copy with the gates gone and their closed channels
+    removed (a built-in model comes back rebuilt from its config)."""
+    import copy
+    model = copy.deepcopy(model)
+    closed = ungate_(model)
+    return apply_removal(ChannelGraph(model, example_input), closed, inplace=True)

@@ -1,0 +1,115 @@
+"""Learned channel gates: their straight-through gradients against methods.md's formulas, gated =
+pruned on every built-in model and on a user model, all open = ungated, MACs through the gates,
+and gates that save, load, deep-copy and show as parameters."""
+import copy
+
+import pytest
+import torch
+
+from tandem import cost
+from tandem.engine import load_model, save_model
+from tandem.models import create_model, list_models
+from tandem.prune.gates import approx_sign, gate_, gates_of, remove_closed, threshold_ste, ungate_
+from nets import INPUTS, UserNet, randomize_bn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _builtin(name):
+    shape = INPUTS.get(name, (3, 16, 16))
+    kw = {"stem": "cifar"} if name == "resnet18" else {}
+    torch.manual_seed(0)
+    return randomize_bn(create_model(name, in_channels=shape[0], **kw)), shape
+
+
+def test_approx_sign_gradient_is_bireal_polynomial_derivative():
+    m = torch.tensor([-1.5, -1.0, -0.6, -0.2, 0.0, 0.3, 0.9, 1.0, 2.0], requires_grad=True)
+    g = (approx_sign(m) + 1) / 2
+    assert g.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]        # hard forward; m == 0 counts as closed
+    g.sum().backward()
+    # methods.md §3.2: dg/dm = 1 + m on [-1, 0), 1 - m on [0, 1), 0 elsewhere
+    want = [0.0, 0.0, 0.4, 0.8, 1.0, 0.7, 0.1, 0.0, 0.0]
+    torch.testing.assert_close(m.grad, torch.tensor(want))
+
+
+def test_threshold_gate_gradient_is_the_sigmoid_derivative():
+    score = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)
+    t = torch.tensor(0.4, requires_grad=True)
+    g = threshold_ste(score, t)
+    assert g.tolist() == [0, 1, 1]
+    g.sum().backward()
+    s = torch.sigmoid(torch.tensor([0.1, 0.5, 0.9]) - 0.4)
+    torch.testing.assert_close(score.grad, s * (1 - s))
+    torch.testing.assert_close(t.grad, -(s * (1 - s)).sum())
+
+
+def _random_signs(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gates_of(model).gates.values():
+            gate.m.copy_(torch.randn(gate.size, generator=g))
+
+
+def _check_gated_equals_pruned(model, x):
+    small = remove_closed(model, x[:1]).eval()
+    want, got = model.eval()(x), small(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()))
+    kept = gates_of(model).kept()
+    assert any(k < g.size for k, g in zip(kept.values(), gates_of(model).gates.values()))
+    assert cost.profile(small, tuple(x.shape[1:])).macs == pytest.approx(gates_of(model).macs().item())
+    return small
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_gated_equals_pruned_on_every_builtin_model(name):
+    model, shape = _builtin(name)
+    x = torch.randn(2, *shape)
+    plain = copy.deepcopy(model).eval()(x)
+    gates = gate_(model, x[:1], "sign")
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            gate.m.fill_(1.0)
+    torch.testing.assert_close(model.eval()(x), plain)            # all open = the ungated model
+    _random_signs(model)
+    small = _check_gated_equals_pruned(model, x)
+    assert small.config["widths"] != model.config["widths"] and not hasattr(small, "channel_gates")
+
+
+def test_gates_on_a_user_model_sign_and_threshold():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    model = randomize_bn(UserNet())
+    gate_(model, x[:1], "sign")
+    _random_signs(model)
+    small = _check_gated_equals_pruned(model, x)
+    assert isinstance(small, UserNet)
+    thresholded = randomize_bn(UserNet())
+    gates = gate_(thresholded, x[:1], "threshold", group_size=2)
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            gate.threshold.fill_(gate.scores().median())
+    _check_gated_equals_pruned(thresholded, x)
+
+
+def test_gates_are_parameters_that_save_load_copy_and_detach(tmp_path):
+    model, shape = _builtin("resnet20")
+    x = torch.randn(2, *shape)
+    plain = copy.deepcopy(model).eval()(x)
+    gate_(model, x[:1], "sign")
+    _random_signs(model)
+    names = [n for n, _ in model.named_parameters() if n.startswith("channel_gates.")]
+    assert names and all(n.endswith(".m") for n in names)
+    out = model.eval()(x)
+    save_model(model, tmp_path / "gated.safetensors")
+    again = load_model(tmp_path / "gated.safetensors")[0].eval()
+    torch.testing.assert_close(again(x), out)                       # rebuilt gated, same gates
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for gate in gates_of(twin).gates.values():
+            gate.m.fill_(1.0)
+    torch.testing.assert_close(model(x), out)                       # the copy has its own gates
+    torch.testing.assert_close(twin.eval()(x), plain)
+    closed = ungate_(model)
+    assert closed and not hasattr(model, "channel_gates")
+    assert not any(t["kind"] == "gates" for t in getattr(model, "tandem_transforms", []))
+    torch.testing.assert_close(model(x), plain)                     # hooks gone
