@@ -220,3 +220,65 @@ def test_resuming_from_a_checkpoint_of_another_architecture_names_the_file(data,
     t = Trainer({"net": other}, cross_entropy_objective, cfg(epochs=2), ckpt_path=ckpt)
     with pytest.raises(CheckpointError, match=r"last.ckpt holds weights of another architecture"):
         t.fit(train, val, resume=True)
+
+
+def test_no_decay_leaves_those_parameter_categories_undecayed():
+    from tandem.engine.optim import build_optimizer, parameter_groups
+    from tandem.quant import quantize_
+    net = quantize_(make_net(), method="pact", w_bits=4, a_bits=4)   # PACT's alpha: a quantizer parameter
+    c = cfg(weight_decay=0.1, momentum=0.0, no_decay=["bn", "bias", "quantizer"])
+    groups = parameter_groups(net, c, {"weight": {"lr": 0.5}})
+    assert {g["name"] for g in groups} == {"weight", "bias", "bn", "quantizer"}
+    assert [n for n, _ in net.named_parameters() if n.endswith("alpha")]
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = build_optimizer(groups, c)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)        # only weight decay moves a parameter
+    opt.step()
+    for n, p in net.named_parameters():
+        moved = not torch.equal(p, before[n])
+        kind = next(g["name"] for g in groups if any(q is p for q in g["params"]))
+        assert moved == (kind == "weight"), (n, kind)
+        if kind == "weight":   # decayed by lr 0.5 (the method's option) * wd 0.1
+            torch.testing.assert_close(p, before[n] * (1 - 0.05))
+
+
+class _Zeroer:
+    """A stateful callback: remembers, per epoch, a value that depends on the weights then."""
+
+    def __init__(self, net):
+        self.net, self.seen = net, {}
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+    def on_epoch_end(self, trainer, epoch):
+        self.seen[epoch] = next(self.net.parameters()).detach().sum().clone()
+
+
+def test_callback_state_is_checkpointed_and_resumed(data, tmp_path):
+    from tandem.prune import ChannelPruner, SoftPruning
+    train, val = loaders(data)
+    x = next(iter(train))[0][:1]
+
+    def run(net, ckpt, extra=(), resume=False):
+        soft = SoftPruning(ChannelPruner(net, x, "l1", ratio=0.5))
+        zeroer = _Zeroer(net)
+        t = Trainer({"net": net}, cross_entropy_objective, cfg(), ckpt_path=ckpt, callbacks=[soft, zeroer, *extra])
+        t.fit(train, val, resume=resume)
+        return soft, zeroer
+
+    full_soft, full_zeroer = run(make_net(), tmp_path / "a.ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        run(make_net(), tmp_path / "b.ckpt", extra=[StopAt(2 * len(train) + 1)])
+    soft, zeroer = run(make_net(seed=5), tmp_path / "b.ckpt", resume=True)
+    assert sorted(soft.by_epoch) == sorted(full_soft.by_epoch) == [1, 2, 3]
+    for e in (1, 2, 3):
+        assert {k: v.tolist() for k, v in soft.by_epoch[e].items()} == \
+            {k: v.tolist() for k, v in full_soft.by_epoch[e].items()}
+        assert torch.equal(zeroer.seen[e], full_zeroer.seen[e])
+    assert soft.history == full_soft.history

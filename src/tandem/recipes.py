@@ -66,6 +66,9 @@ class TrainSpec(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
+    # parameter categories trained without weight decay (engine/optim.py): any of
+    # bn (BatchNorm scale and shift), bias, quantizer (LSQ steps, PACT alpha, ...), gate
+    no_decay: list[Literal["bn", "bias", "quantizer", "gate"]] = Field(default_factory=list)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: list[float] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0, le=1)

@@ -19,7 +19,8 @@ from . import cost
 from .data import BatchLoader, load_dataset
 from .engine import MetricsLog, Trainer, cross_entropy_objective, evaluate, resolve_device
 from .engine import distributed
-from .engine.checkpoint import atomic_write, read_model_file, load_state, save_model
+from .engine.checkpoint import (atomic_write, load_checkpoint, load_state, read_model_file, save_checkpoint,
+                                save_model)
 from .errors import TandemError
 from .provenance import git_commit, machine
 from .recipes import Recipe, dump_recipe
@@ -99,28 +100,37 @@ class RunContext:
         return self._pretrained
 
     def train_stage(self, stage: str, nets: dict, objective=cross_entropy_objective, cfg=None,
-                    frozen: dict | None = None, callbacks=(), update: str = "simultaneous") -> dict:
+                    frozen: dict | None = None, callbacks=(), update: str = "simultaneous",
+                    param_options: dict | None = None) -> dict:
         """Train `nets` for one stage; afterwards each holds its best-by-validation weights.
 
         Returns {net: {'val_top1', 'epoch'}}. A stage finished by an earlier run of this folder
-        is loaded instead of trained again.
+        is loaded instead of trained again. `param_options`: per parameter category (weight,
+        bias, bn, quantizer, gate) optimiser options, e.g. {'gate': {'weight_decay': 0}}.
         """
         cfg = cfg or self.recipe.train
         stage_dir = self.out_dir / "stages" / stage
         done_file = stage_dir / "done.json"
+        stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
         if done_file.exists():
             for name, net in nets.items():
                 state, _ = read_model_file(stage_dir / f"{name}.safetensors")
                 load_state(net, state, str(stage_dir / f"{name}.safetensors"))
                 net.to(self.device)
+            if stateful:   # e.g. which channels soft pruning zeroed in each epoch
+                for cb, cb_state in zip(stateful, load_checkpoint(stage_dir / "callbacks.ckpt")):
+                    cb.load_state_dict(cb_state)
             return json.loads(done_file.read_text())
         torch.manual_seed(self.recipe.seed)
         trainer = Trainer(nets, objective, cfg, device=self.device, frozen=frozen, callbacks=callbacks,
-                          ckpt_path=stage_dir / "last.ckpt", log=self.log, stage=stage, update=update)
+                          ckpt_path=stage_dir / "last.ckpt", log=self.log, stage=stage, update=update,
+                          param_options=param_options)
         best = trainer.fit(self.train_loader(cfg), self.eval_loader("val"), resume=self.resume)
         if self.dist.is_main:
             for name, net in nets.items():
                 save_model(net, stage_dir / f"{name}.safetensors")
+            if stateful:
+                save_checkpoint([cb.state_dict() for cb in stateful], stage_dir / "callbacks.ckpt")
             atomic_write(done_file, lambda tmp: Path(tmp).write_text(json.dumps(best)))
         distributed.barrier()
         return best

@@ -14,7 +14,9 @@ Methods plug in through the objective and through callbacks (objects with any of
 `before_step(trainer)` (`trainer.step` steps done, `trainer.steps_per_epoch` per epoch: what a
 schedule of loss weights needs), `after_backward(trainer)`, `after_step(trainer)`, `before_validation(trainer, epoch)` (the
 epoch's training is done, its validation not yet: what is changed here is what validation and
-best-by-val selection see), `on_epoch_end(trainer, epoch)`), never by writing another loop. The trainer owns devices, mixed precision, checkpoints, best-by-val
+best-by-val selection see), `on_epoch_end(trainer, epoch)`), never by writing another loop. A callback with state (soft pruning's zeroed channels, a gate
+snapshot) gives `state_dict()` / `load_state_dict(state)`; it is saved in the stage checkpoint,
+so a run killed mid-stage resumes to the result of one never interrupted. The trainer owns devices, mixed precision, checkpoints, best-by-val
 selection, progress bars and the metrics log.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_state, save_checkpoint
 from .evaluate import evaluate
 from .metrics import MetricsLog
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, parameter_groups
 
 Objective = Callable[[dict, torch.Tensor, torch.Tensor], dict]
 
@@ -88,7 +90,7 @@ class Trainer:
     def __init__(self, nets: dict, objective: Objective, cfg, *, device="cpu", frozen: dict | None = None,
                  callbacks=(), ckpt_path: Path | None = None, log: MetricsLog | None = None,
                  stage: str = "train", make_optimizer=None, find_unused_parameters: bool = False,
-                 update: str = "simultaneous"):
+                 update: str = "simultaneous", param_options: dict | None = None):
         if update not in ("simultaneous", "sequential"):
             raise TandemError(f"update = {update!r}; allowed: simultaneous, sequential")
         self.update = update
@@ -116,7 +118,7 @@ class Trainer:
         self.stage = stage
         self.autocast = autocast_for(self.device, cfg.amp)
         make_optimizer = make_optimizer or (lambda net: build_optimizer(
-            [p for p in net.parameters() if p.requires_grad], cfg))
+            parameter_groups(net, cfg, param_options), cfg))
         self.optimizers = {n: make_optimizer(m) for n, m in self.nets.items()}
         self.schedulers: dict = {}
         self.epoch = 0          # epochs completed
@@ -130,7 +132,8 @@ class Trainer:
                 "nets": {n: m.state_dict() for n, m in self.nets.items()},
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                "best": self.best, "history": self.history, "rng": torch.get_rng_state()}
+                "best": self.best, "history": self.history, "rng": torch.get_rng_state(),
+                "callbacks": [cb.state_dict() for cb in self._stateful()]}
 
     def load_state_dict(self, state: dict) -> None:
         for n, m in self.nets.items():
@@ -140,6 +143,16 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
         torch.set_rng_state(state["rng"])
+        stateful = self._stateful()
+        saved = state.get("callbacks", [])
+        if len(saved) != len(stateful):
+            raise TandemError(f"checkpoint {self.ckpt_path} holds the state of {len(saved)} callbacks, this stage "
+                              f"has {len(stateful)}; it was written by another recipe")
+        for cb, cb_state in zip(stateful, saved):
+            cb.load_state_dict(cb_state)
+
+    def _stateful(self) -> list:
+        return [cb for cb in self.callbacks if hasattr(cb, "state_dict")]
 
     def resume(self) -> bool:
         """Continue from `ckpt_path` if it exists (schedulers must be built); True when loaded."""

@@ -54,8 +54,8 @@ class PrunedNet:
 
     def finish(self, best_epoch: int | None = None) -> torch.nn.Module:
         """The network to record: soft pruning's zeroed filters removed (those zeroed after
-        `best_epoch`, the state the stage selected; re-planned when the stage was loaded from an
-        earlier run); otherwise `net`."""
+        `best_epoch`, the state the stage selected; a resumed stage restores what each epoch
+        zeroed from its checkpoint); otherwise `net`."""
         if self.pruner is None:
             return self.net
         soft = next(cb for cb in self.callbacks if isinstance(cb, SoftPruning))

@@ -58,6 +58,8 @@ class Gate(nn.Module):
     ``strength()`` -> how open each channel is (a group never loses all its channels: when every
     gate is closed the strongest channel is kept)."""
 
+    param_category = "gate"   # its parameters' optimiser group (engine/optim.py)
+
     def __init__(self, size: int):
         super().__init__()
         self.size = size

@@ -41,6 +41,13 @@ class SoftPruning:
         self.by_epoch: dict[int, dict] = {}
         self._last: dict = {}
 
+    def state_dict(self) -> dict:
+        """What a resumed stage needs: which channels each epoch zeroed (the removal follows the best epoch's)."""
+        return {"history": self.history, "by_epoch": self.by_epoch, "last": self._last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.by_epoch, self._last = state["history"], state["by_epoch"], state["last"]
+
     def before_validation(self, trainer, epoch: int) -> None:
         if epoch % self.every:
             return

@@ -45,6 +45,7 @@ class Quantizer(nn.Module):
     from a file knows it was calibrated and whether an input is signed, without any data."""
 
     kind = "?"
+    param_category = "quantizer"   # its parameters' optimiser group (engine/optim.py)
 
     def __init__(self, bits: int):
         super().__init__()
