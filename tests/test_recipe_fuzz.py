@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tandem.cli import main
 from tandem.errors import RecipeError
-from tandem.recipes import Recipe, load_recipe, validate
+from tandem.recipes import Recipe, load_recipe, method_sections, validate
 
 def _section_type(annotation):
     """The pydantic model of a section field, also behind Optional[...]."""
@@ -21,7 +21,8 @@ def _section_type(annotation):
 
 SECTIONS = {name: list(_section_type(f.annotation).model_fields) for name, f in Recipe.model_fields.items()
             if _section_type(f.annotation)}
-TOP = list(Recipe.model_fields)
+SECTIONS.update({name: list(spec.model_fields) for name, spec in method_sections().items()})   # the methods' own
+TOP = [*Recipe.model_fields, *method_sections()]
 # values the issue names explicitly, for the sections this version has
 OUT_OF_RANGE = [(s, k, v) for s, k, v in [
     ("train", "epochs", -1), ("train", "epochs", -100), ("train", "batch_size", 0), ("train", "lr", 0.0),

@@ -12,10 +12,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .distill.spec import DistillSpec, MutualSpec
 from .errors import RecipeError, one_of
 from .prune.spec import PruneSpec
-from .quant.policy import QuantSpec
 
 
 class Section(BaseModel):
@@ -98,10 +96,22 @@ DEFAULT_JOB_SECTIONS = {"prune": {"criterion": "l1", "macs_target": 0.06},
                         "quant": {"method": "lsq", "w_bits": 2, "a_bits": 2, "first_last": "same"}}
 
 
+def method_sections() -> dict[str, type[BaseModel]]:
+    """{section name: its pydantic model}: the sections the registered methods own
+    (prune, quant, mutual, distill, pdd, ...; tandem.methods.register_section)."""
+    from .methods import SECTIONS
+    return dict(SECTIONS.items())
+
+
 class Recipe(Section):
     """The default values are the default job: the small CNN on scikit-learn's digits, trained,
     then pruned and quantized peers trained alone and by mutual learning, then pqkd. ``method``
-    is one method or a list run in turn on one run context (one baseline, one report)."""
+    is one method or a list run in turn on one run context (one baseline, one report).
+
+    Besides the fields below, a recipe holds the sections its methods own (``recipe.prune``,
+    ``recipe.pdd``, ...; None when absent), validated by the model each method registered."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: Optional[str] = None
     method: Union[str, list[str]] = Field(default_factory=lambda: list(DEFAULT_JOB))
     protocol: Literal["cpu-small", "paper", "smoke"] = "cpu-small"
@@ -110,10 +120,23 @@ class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    prune: Optional[PruneSpec] = None   # the `prune` method's section (tandem.prune.spec)
-    quant: Optional[QuantSpec] = None   # the `quantize` method's section (tandem.quant.policy)
-    mutual: Optional[MutualSpec] = None   # the `mutual` method's section (tandem.distill.spec)
-    distill: Optional[DistillSpec] = None   # the KD stage of `pqkd` (tandem.distill.spec)
+
+    @model_validator(mode="after")
+    def _method_sections(self):
+        known = method_sections()
+        extra = self.__pydantic_extra__
+        for key, value in list(extra.items()):
+            if key not in known:
+                allowed = [*type(self).model_fields, *known]
+                raise RecipeError(f"recipe error: unknown key '{key}'; allowed here: {', '.join(allowed)}")
+            if value is not None and not isinstance(value, known[key]):
+                try:
+                    extra[key] = known[key].model_validate(value)
+                except ValidationError as exc:
+                    raise RecipeError(" ".join(_format_error(exc, value, prefix=(key,)).split())) from None
+        for key in known:
+            extra.setdefault(key, None)
+        return self
 
     @field_validator("model", mode="before")
     @classmethod
@@ -153,6 +176,9 @@ class Recipe(Section):
 def _allowed_keys(model_cls, loc) -> list[str]:
     """The field names allowed at the parent of `loc` (for 'unknown key' errors)."""
     cls = model_cls
+    sections = method_sections()
+    if model_cls is Recipe and loc and loc[0] in sections:
+        cls, loc = sections[loc[0]], loc[1:]
     for part in loc[:-1]:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(field, "annotation", None)
@@ -163,9 +189,9 @@ def _allowed_keys(model_cls, loc) -> list[str]:
     return list(cls.model_fields)
 
 
-def _format_error(exc: ValidationError, raw: dict) -> str:
+def _format_error(exc: ValidationError, raw: dict, prefix: tuple = ()) -> str:
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+    loc = prefix + tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
     key = ".".join(str(p) for p in loc) or "(recipe)"
     value = err.get("input")
     if err["type"] == "extra_forbidden":

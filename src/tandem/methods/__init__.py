@@ -1,28 +1,21 @@
-"""Methods: each a short composition of the primitives, registered by name."""
+"""Methods: each a short composition of the primitives, registered by name, and the recipe
+sections they own (a method registers its section's pydantic model; recipes.py has no list of
+them)."""
 from __future__ import annotations
 
-from typing import Callable
+from ..registry import Registry
 
-from ..errors import TandemError
+METHODS = Registry("method")
+SECTIONS = Registry("recipe section")   # name -> pydantic model of `name:` in a recipe
 
-_METHODS: dict[str, Callable] = {}
-
-
-def register_method(name: str):
-    def deco(fn: Callable) -> Callable:
-        _METHODS[name] = fn
-        return fn
-    return deco
+register_method = METHODS.register
+get_method = METHODS.get
+list_methods = METHODS.names
 
 
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> Callable:
-    if name not in _METHODS:
-        raise TandemError(f"unknown method {name!r}; allowed: {', '.join(list_methods())}")
-    return _METHODS[name]
+def register_section(name: str, spec) -> None:
+    """`name:` in a recipe is validated by `spec` (absent: None)."""
+    SECTIONS.register(name, spec)
 
 
 from . import baseline  # noqa: E402,F401  (registers)

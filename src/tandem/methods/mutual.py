@@ -29,9 +29,11 @@ from ..errors import RecipeError
 from ..prune import PruneSpec
 from ..prune.spec import default_scope
 from ..quant import QuantSpec
-from . import register_method
+from . import register_method, register_section
 from .prune import PrunedNet, build_pruned
 from .quantize import build_quantized
+
+register_section("mutual", MutualSpec)
 
 PEERS = ("pruned", "quantized")
 

@@ -27,8 +27,10 @@ from ..distill.spec import DistillSpec
 from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
 from ..quant import QUANT_LAYERS, QuantSpec, calibrate, quantize_
-from . import register_method
+from . import register_method, register_section
 from .prune import build_pruned, finetune_cfg
+
+register_section("distill", DistillSpec)
 
 
 def _val(best: dict, name: str) -> float | None:

@@ -19,7 +19,9 @@ from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftP
 from ..prune.masks import apply_weight_masks, magnitude_masks
 from ..prune.schedules import step_fraction
 from ..engine.distributed import on_rank0
-from . import register_method
+from . import register_method, register_section
+
+register_section("prune", PruneSpec)
 
 
 def _val(best) -> float | None:

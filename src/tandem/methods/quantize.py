@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 
 from ..quant import QuantSpec, calibrate, quantize_
-from . import register_method
+from . import register_method, register_section
+
+register_section("quant", QuantSpec)
 
 
 def quant_name(spec: QuantSpec) -> str:
