@@ -20,7 +20,7 @@ from common import interleaved_times, median_ratio, write_result
 from tandem.distill.spec import MutualSpec
 from tandem.engine import Trainer, cross_entropy_objective
 from tandem.engine.optim import build_scheduler
-from tandem.methods.mutual import dml_objective
+from tandem.distill.objectives import dml_objective
 from tandem.models import create_model
 from tandem.prune import prune
 from tandem.quant import QuantSpec, calibrate, quantize_

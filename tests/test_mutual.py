@@ -7,7 +7,8 @@ import torch
 from tandem.cli import main
 from tandem.distill.spec import MutualSpec
 from tandem.methods import get_method
-from tandem.methods.mutual import WithAdapters, _feature_hints, dml_objective
+from tandem.distill.objectives import KLRamp, dml_objective
+from tandem.methods.mutual import WithAdapters, _feature_hints
 from tandem.models import create_model
 from tandem.prune import prune
 from tandem.quant import QuantSpec, calibrate, quantize_
@@ -182,7 +183,6 @@ def test_peers_from_scratch_record_no_baseline_and_refuse_random_weight_ranking(
 
 
 def test_kl_ramp_rises_linearly_with_steps_and_resumes_from_the_step_count():
-    from tandem.methods.mutual import KLRamp
 
     class T:
         steps_per_epoch = 10

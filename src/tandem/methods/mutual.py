@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 
 from .. import cost
-from ..distill import FeatureTap, HintLoss, kl_divergence, mutual_losses
-from ..distill.spec import MutualSpec
+from ..distill import FeatureTap, HintLoss
+from ..distill.objectives import KLRamp, dml_objective
+from ..distill.spec import PEERS, MutualSpec
 from ..errors import RecipeError
 from ..prune import PruneSpec
 from ..prune.spec import default_scope
@@ -34,8 +35,6 @@ from .prune import PrunedNet, build_pruned
 from .quantize import build_quantized
 
 register_section("mutual", MutualSpec)
-
-PEERS = ("pruned", "quantized")
 
 
 def mutual_spec(ctx) -> MutualSpec:
@@ -81,19 +80,6 @@ def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
     return p, q
 
 
-class KLRamp:
-    """Callback: the KL terms' weight factor, rising linearly from 0 to 1 over the first
-    `epochs` of the stage (computed from the trainer's step count, so a resumed stage
-    continues the ramp where it was)."""
-
-    def __init__(self, epochs: float):
-        self.epochs, self.factor = epochs, 1.0 if epochs == 0 else 0.0
-
-    def before_step(self, trainer) -> None:
-        if self.epochs > 0:
-            self.factor = min(1.0, trainer.step / (self.epochs * trainer.steps_per_epoch))
-
-
 class WithAdapters(nn.Module):
     """P and its hint adapters as one module, so P's optimiser trains the adapters and P's
     stage checkpoint holds them; the forward pass is P's alone."""
@@ -122,27 +108,6 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
     hints = nn.ModuleList(HintLoss(tap_p.features[n].shape[1], tap_q.features[n].shape[1])
                           for n in ms.feature_layers)
     return tap_p, tap_q, hints
-
-
-def dml_objective(ms: MutualSpec, teacher: str | None = None, hints=None, ramp: KLRamp | None = None):
-    """CE + KL to the other peer's detached prediction, for each peer (`ce/<peer>`, `kl/<peer>`);
-    optionally KD from the frozen full-precision model (`kd/<peer>`) and P's feature hint
-    (`hint/pruned`). `ramp` scales the KL terms (mutual.kl_rampup_epochs). Every term is named after the one network it trains, so the summed
-    backward (simultaneous) and per-network backward (sequential) both give each peer exactly
-    the gradient of its own loss."""
-    def objective(outputs, y, x):
-        factor = ramp.factor if ramp is not None else 1.0
-        losses = mutual_losses({k: outputs[k] for k in PEERS}, y, temperature=ms.temperature,
-                               kl_weight={k: w * factor for k, w in ms.kl_weights().items()})
-        if teacher is not None:
-            for k in PEERS:
-                losses[f"kd/{k}"] = ms.kd_weight * kl_divergence(outputs[k], outputs[teacher], ms.kd_temperature)
-        if hints is not None:
-            tap_p, tap_q, modules = hints
-            losses["hint/pruned"] = ms.feature_weight * sum(
-                h(tap_p.features[n], tap_q.features[n]) for h, n in zip(modules, tap_p.names))
-        return losses
-    return objective
 
 
 def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> None:

@@ -22,7 +22,7 @@ import copy
 import torch
 
 from .. import cost
-from ..distill import hinton_kd
+from ..distill.objectives import kd_objective
 from ..distill.spec import DistillSpec
 from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
@@ -65,18 +65,6 @@ def check_zeros_kept(net, masks: dict, method: str) -> None:
             raise TandemError(f"quant.method = {method!r} turns {revived} pruned (zero) weights of layer "
                               f"{name!r} nonzero; with prune.criterion = magnitude use a quantizer whose grid "
                               f"holds 0: lsq, minmax, percentile, kmeans, dorefa_picpq")
-
-
-def kd_objective(spec: DistillSpec, student: str = "distilled", teacher: str = "teacher"):
-    """Hinton KD for `student`; every other trained network (the control) gets plain CE."""
-    def objective(outputs, y, x):
-        losses = {f"{k}/{student}": v for k, v in hinton_kd(outputs[student], outputs[teacher], y, alpha=spec.alpha,
-                                                             temperature=spec.temperature).items()}
-        for name, z in outputs.items():
-            if name not in (student, teacher):
-                losses[f"ce/{name}"] = torch.nn.functional.cross_entropy(z.float(), y)
-        return losses
-    return objective
 
 
 def _control(ctx, spec: DistillSpec) -> bool:
@@ -122,7 +110,8 @@ def pqkd(ctx) -> None:
     if _control(ctx, dspec):
         nets["no-kd"] = copy.deepcopy(student)
     cfg = ctx.recipe.train.for_stage(dspec.epochs, dspec.lr)
-    best = ctx.train_stage("pqkd-distill", nets, kd_objective(dspec), cfg=cfg,
+    kd = kd_objective(alpha=dspec.alpha, temperature=dspec.temperature)
+    best = ctx.train_stage("pqkd-distill", nets, kd, cfg=cfg,
                            frozen={"teacher": teacher}, callbacks=[cb for n in nets.values() for cb in keep(n)])
     rows = {name: record(name, net, _val(best, name), "pqkd-distill",
                          control="pqkd/no-kd" if name == "distilled" and "no-kd" in nets else None)
