@@ -25,7 +25,7 @@ import torch.nn as nn
 from .. import cost
 from ..distill import FeatureTap, HintLoss
 from ..distill.objectives import KLRamp, dml_objective
-from ..distill.spec import PEERS, MutualSpec
+from ..distill.spec import MutualSpec
 from ..errors import RecipeError
 from ..prune import PruneSpec
 from ..prune.spec import default_scope
