@@ -201,7 +201,7 @@ def _format_error(exc: ValidationError, raw: dict, prefix: tuple = ()) -> str:
         return f"recipe error: '{key}' is required"
     msg = " ".join(err["msg"].removeprefix("Value error, ").split())
     if isinstance(value, dict) and len(str(value)) > 80:
-        value = "{...}"
+        return f"recipe error: {key}: {msg}"   # a section's own check: its message names the keys
     return f"recipe error: {key} = {value!r}: {msg}"
 
 

@@ -178,7 +178,7 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
 
     The recipe's methods (one, or a list) run in turn on one RunContext, sharing its baseline.
     Under torchrun this joins the process group and trains with DDP on every rank."""
-    from .methods import get_method
+    from .methods import get_method, preflight
     from .report import write_report
 
     steps = [get_method(name) for name in recipe.methods]
@@ -191,6 +191,7 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
         raise TandemError(f"cannot resume: run folder {out_dir} does not exist")
     start = time.perf_counter()
     ctx = RunContext(recipe, out_dir, resume=resume)   # loads data before anything is written
+    preflight(ctx, steps)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))

@@ -13,6 +13,16 @@ get_method = METHODS.get
 list_methods = METHODS.names
 
 
+def preflight(ctx, methods) -> None:
+    """Each method's `preflight(ctx)` (an attribute of the method function, optional): checks
+    that need the data or files (a teacher file's class count, a model the channel graph must
+    trace), run before the run folder is written, so a bad input leaves nothing half-written."""
+    for method in methods:
+        check = getattr(method, "preflight", None)
+        if check is not None:
+            check(ctx)
+
+
 def register_section(name: str, spec) -> None:
     """`name:` in a recipe is validated by `spec` (absent: None)."""
     SECTIONS.register(name, spec)
@@ -23,3 +33,4 @@ from . import pqkd  # noqa: E402,F401  (registers)
 from . import prune  # noqa: E402,F401  (registers)
 from . import quantize  # noqa: E402,F401  (registers)
 from . import mutual  # noqa: E402,F401  (registers mutual and independent)
+from . import pdd  # noqa: E402,F401  (registers)
