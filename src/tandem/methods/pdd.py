@@ -206,6 +206,19 @@ def l1_at_widths(net: nn.Module, example: torch.Tensor, counts: dict[str, int]) 
     return pruner.apply(removed)
 
 
+class GateLog:
+    """Callback: after each epoch's training, the gated student's kept channels and MACs
+    fraction go to metrics.jsonl (how the signs move is what PDD learns)."""
+
+    def __init__(self, gates, full_macs: float):
+        self.gates, self.full_macs = gates, full_macs
+
+    @torch.no_grad()
+    def before_validation(self, trainer, epoch: int) -> None:
+        trainer.log.write({"stage": trainer.stage, "epoch": epoch, "gates_kept": self.gates.kept(),
+                           "gates_macs_fraction": self.gates.macs().item() / self.full_macs})
+
+
 def _reinit(net: nn.Module) -> None:
     """The released code's inheritance: only conv weights of kept channels survive; BN, biases
     and linear layers start again."""
@@ -251,7 +264,7 @@ def pdd(ctx) -> None:
     objective = pdd_objective(spec, "pdd", full["macs"])
     objective.gates = gates
     distill = _schedule(ctx, spec.epochs, spec.lr, spec.weight_decay, spec.milestones)
-    best = ctx.train_stage("pdd-distill", nets, objective, cfg=distill,
+    best = ctx.train_stage("pdd-distill", nets, objective, cfg=distill, callbacks=[GateLog(gates, full["macs"])],
                            frozen={"teacher": teacher} if teacher is not None else None)
     if "kd" in spec.controls:
         _reductions(ctx.record("pdd/kd", nets["kd"], _val(best, "kd"), stage="pdd-distill"), full)

@@ -5,11 +5,14 @@
     small = remove_closed(model, example_input)     # the physically smaller model
 
 A gate owns a (size,) vector of 0/1 values with a straight-through gradient. It multiplies its
-group's channels wherever they are produced: after each BN of the group (else after each
-producing conv/linear) and after each channel-map module (option-A shortcut) feeding it, so
-gating every producer of a residual sum gates the sum. A closed channel is then exactly 0
-everywhere it is read, and in eval mode the gated model computes what the model with those
-channels removed computes (surgery is exact on the same groups).
+group's channels wherever they are *read*: at the input of every conv / linear that consumes
+them (after a flatten, each channel's features) and of every channel-map module (option-A
+shortcut) that copies them elsewhere. A closed channel is then read by no layer, so in eval mode
+the gated model computes what the model with those channels removed computes (surgery is exact
+on the same groups). Gating at the readers puts the gate after the activation that precedes
+them (PDD: "after the ReLU"; SBS: "at conv2's input"), which matters for learning: a gate in
+front of a ReLU would get no gradient once closed (ReLU'(0) = 0), so a closed channel could
+never reopen.
 
 The gates live in ``model.channel_gates`` (a ChannelGates module): saved with the model's state
 dict, loaded from stage checkpoints, wrapped by DDP, copied by ``copy.deepcopy`` (the forward
@@ -117,19 +120,23 @@ GATES: dict[str, type[Gate]] = {"sign": SignGate, "threshold": ThresholdGate}
 
 
 class _GateHook:
-    """A forward hook multiplying channels offset..offset+size of a module's output by a gate.
-    An object (not a closure) so that deepcopy gives the copy's hooks the copy's gates."""
+    """A forward pre-hook multiplying a module's input features offset.. by a gate, each gate
+    value repeated `repeat` times (a channel flattened into H*W features). An object (not a
+    closure) so that deepcopy gives the copy's hooks the copy's gates."""
 
-    def __init__(self, gates: "ChannelGates", key: str, offset: int):
-        self.gates, self.key, self.offset = gates, key, offset
+    def __init__(self, gates: "ChannelGates", key: str, offset: int, repeat: int = 1):
+        self.gates, self.key, self.offset, self.repeat = gates, key, offset, repeat
 
-    def __call__(self, module, inputs, out):
-        g = self.gates.gates[self.key]().to(out.dtype)
-        n = out.shape[1]
+    def __call__(self, module, args):
+        x = args[0]
+        g = self.gates.gates[self.key]().to(x.dtype)
+        if self.repeat > 1:
+            g = g.repeat_interleave(self.repeat)
+        n = x.shape[1]
         if self.offset or g.numel() != n:
-            ones = torch.ones(n, dtype=out.dtype, device=out.device)
+            ones = torch.ones(n, dtype=x.dtype, device=x.device)
             g = torch.cat([ones[:self.offset], g, ones[self.offset + g.numel():]])
-        return out * g.view((1, -1) + (1,) * (out.dim() - 2))
+        return (x * g.view((1, -1) + (1,) * (x.dim() - 2)), *args[1:])
 
 
 def _key(group_name: str) -> str:
@@ -138,14 +145,14 @@ def _key(group_name: str) -> str:
 
 class ChannelGates(nn.Module):
     """The model's gates (``gates``: group name with '/' for '.' -> Gate) and where each acts
-    (``sites``: key -> [(module name, channel offset)]); ``macs_terms`` (from the traced graph)
+    (``sites``: key -> [(reading module name, feature offset, repeat)]); ``macs_terms`` (from the traced graph)
     gives the MACs as a function of the gates."""
 
     def __init__(self, kind: str):
         super().__init__()
         self.kind = kind
         self.gates = nn.ModuleDict()
-        self.sites: dict[str, list[tuple[str, int]]] = {}
+        self.sites: dict[str, list[tuple[str, int, int]]] = {}
         self.sources: dict[str, str] = {}
         self.macs_terms: list | None = None
 
@@ -189,9 +196,9 @@ class ChannelGates(nn.Module):
         return total
 
 
-def _sites(group: Group) -> list[tuple[str, int]]:
-    members = (group.of_kind("bn") or group.of_kind("out", "dw")) + group.of_kind("map_out")
-    return [(m.module, m.offset) for m in members]
+def _sites(group: Group) -> list[tuple[str, int, int]]:
+    """Where the group's channels are read by another group's computation."""
+    return [(m.module, m.offset, m.repeat) for m in group.of_kind("in", "map_in")]
 
 
 def _macs_terms(graph: ChannelGraph, keys: dict[str, Group]) -> list:
@@ -206,8 +213,8 @@ def _macs_terms(graph: ChannelGraph, keys: dict[str, Group]) -> list:
 def _attach(model: nn.Module, container: ChannelGates) -> None:
     model.add_module(ATTR, container)
     for key, sites in container.sites.items():
-        for module, offset in sites:
-            model.get_submodule(module).register_forward_hook(_GateHook(container, key, offset))
+        for module, offset, repeat in sites:
+            model.get_submodule(module).register_forward_pre_hook(_GateHook(container, key, offset, repeat))
 
 
 def gate_(model: nn.Module, example_input: torch.Tensor, kind: str = "sign", *, groups=None,
@@ -269,8 +276,8 @@ def ungate_(model: nn.Module) -> Removed:
         raise TandemError(f"{type(model).__name__} has no channel gates")
     closed = container.closed()
     for sites in container.sites.values():
-        for module, _ in sites:
-            hooks = model.get_submodule(module)._forward_hooks
+        for module, _, _ in sites:
+            hooks = model.get_submodule(module)._forward_pre_hooks
             for hid in [h for h, fn in hooks.items() if isinstance(fn, _GateHook)]:
                 del hooks[hid]
     delattr(model, ATTR)
