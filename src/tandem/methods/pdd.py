@@ -65,6 +65,7 @@ class PddSpec(BaseModel):
     kd_mode: Literal["hinton", "ce_only"] = "hinton"   # ce_only: what the released code trained (§3.3)
     init_std: float = Field(1e-3, gt=0)             # gate parameters m ~ N(0, init_std²)
     epochs: int = Field(50, ge=1)                   # distillation with gates
+    batch_size: Optional[int] = Field(None, ge=1)   # of both PDD stages (None: train.batch_size; paper 256)
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(5e-3, ge=0)         # on weights and gates alike, as the code
     milestones: list[float] = Field(default_factory=lambda: [0.4, 0.8])   # fractions of epochs (20, 40 of 50)
@@ -118,7 +119,7 @@ def pdd_spec(ctx) -> PddSpec:
 
 def _schedule(ctx, epochs, lr, weight_decay, milestones):
     return ctx.recipe.train.model_copy(update={
-        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "schedule": "multistep",
+        "batch_size": pdd_spec(ctx).batch_size or ctx.recipe.train.batch_size, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "schedule": "multistep",
         "milestones": [m * epochs for m in milestones], "gamma": 0.1, "warmup_epochs": 0.0})
 
 
