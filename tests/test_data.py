@@ -79,7 +79,7 @@ def indexed():
     """Register the ``_indexed`` test dataset for one test only (other tests list the registry)."""
     register_dataset("_indexed")(_indexed_source)
     yield "_indexed"
-    registry._REGISTRY.pop("_indexed", None)
+    registry.DATASETS.unregister("_indexed")
 
 
 # --- registry ------------------------------------------------------------------------------------

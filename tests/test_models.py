@@ -248,4 +248,4 @@ def test_register_model_custom():
         with pytest.raises(ValueError, match="registered twice"):
             register_model("_test_mlp")(_mlp)
     finally:
-        registry._MODELS.pop("_test_mlp", None)
+        registry.MODELS.unregister("_test_mlp")

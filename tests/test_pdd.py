@@ -155,7 +155,7 @@ class _Untraceable(nn.Module):
 
 
 def test_a_student_the_channel_graph_cannot_trace_is_refused_before_the_run(tmp_path):
-    from tandem.models.registry import _MODELS, register_model
+    from tandem.models.registry import MODELS, register_model
     from tandem.errors import TandemError
     from tandem.runner import run
     register_model("untraceable_test_net")(lambda num_classes, in_channels, widths: _Untraceable(
@@ -167,7 +167,7 @@ def test_a_student_the_channel_graph_cannot_trace_is_refused_before_the_run(tmp_
             run(recipe, tmp_path / "run")
         assert not (tmp_path / "run").exists()
     finally:
-        _MODELS.pop("untraceable_test_net")
+        MODELS.unregister("untraceable_test_net")
 
 
 def test_ce_only_with_a_teacher_is_refused():

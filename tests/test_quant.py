@@ -289,7 +289,7 @@ def test_policy_overrides_skip_first_last_and_errors():
         quantize_(UserNet(), w_bits=0)
     with pytest.raises(RecipeError, match=r"a_bits .*1\.\.32"):
         quantize_(UserNet(), a_bits=33)
-    with pytest.raises(RecipeError, match="allowed: dorefa, dorefa_picpq, pact, lsq"):
+    with pytest.raises(RecipeError, match="allowed: dorefa, dorefa_picpq, kmeans, lsq"):
         quantize_(UserNet(), method="binaryconnect")
     with pytest.raises(RecipeError, match="'layer9.*' matches no Conv2d/Linear layer; the layers are: stem"):
         quantize_(UserNet(), overrides={"layer9.*": {"w_bits": 2}})

@@ -17,24 +17,36 @@ from .errors import TandemError
 
 class Registry:
     """name -> object; ``register(name)`` decorates (or ``register(name, obj)`` adds) once per
-    name, ``get`` fails with the allowed names."""
+    name, ``get`` fails with the allowed names. ``canonical`` maps a spelling to its key (datasets
+    accept 'fashion_mnist' for 'fashion-mnist'); ``error`` is the exception ``get`` raises."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, *, error: type[TandemError] = TandemError,
+                 canonical: Callable[[str], str] = str):
+        self.what, self.error, self.canonical = what, error, canonical
         self._items: dict[str, Any] = {}
 
     def register(self, name: str, obj: Any = None) -> Callable:
+        key = self.canonical(name)
+
         def add(o):
-            if name in self._items and self._items[name] is not o:
-                raise ValueError(f"{self.what} {name!r} is registered twice")
-            self._items[name] = o
+            if key in self._items and self._items[key] is not o:
+                raise ValueError(f"{self.what} {key!r} is registered twice")
+            self._items[key] = o
             return o
         return add(obj) if obj is not None else add
 
+    def replace(self, name: str, obj: Any) -> None:
+        """Register ``obj`` under ``name`` whether or not the name is taken (a module reloaded)."""
+        self._items[self.canonical(name)] = obj
+
+    def unregister(self, name: str) -> None:
+        self._items.pop(self.canonical(name), None)
+
     def get(self, name: str) -> Any:
-        if name not in self._items:
-            raise TandemError(f"unknown {self.what} {name!r}; allowed: {', '.join(self.names())}")
-        return self._items[name]
+        key = self.canonical(name)
+        if key not in self._items:
+            raise self.error(f"unknown {self.what} {name!r}; allowed: {', '.join(self.names())}")
+        return self._items[key]
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -43,4 +55,7 @@ class Registry:
         return iter(sorted(self._items.items()))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        return self.canonical(name) in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

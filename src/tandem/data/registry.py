@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError
+from ..registry import Registry
 from .core import DataSplits, SourceData, limit_source, make_splits
 
 __all__ = ["register_dataset", "list_datasets", "load_dataset", "dataset_options", "dataset_summary"]
@@ -31,11 +32,11 @@ class _Entry:
     summary: str
 
 
-_REGISTRY: dict[str, _Entry] = {}
-
-
 def _canonical(name: str) -> str:
     return str(name).strip().lower().replace("_", "-")
+
+
+DATASETS = Registry("dataset", error=DataError, canonical=_canonical)   # name -> _Entry
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., SourceData]], Callable[..., SourceData]]:
@@ -51,17 +52,17 @@ def register_dataset(name: str) -> Callable[[Callable[..., SourceData]], Callabl
         for opt, default in options.items():
             if default is inspect.Parameter.empty:
                 raise TypeError(f"dataset loader {fn.__name__}: option {opt} needs a default")
-        old = _REGISTRY.get(key)
+        old = DATASETS._items.get(key)
         if old is not None and old.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"dataset {key!r} is already registered (by {old.fn.__module__}.{old.fn.__qualname__})")
         doc = inspect.getdoc(fn) or ""
-        _REGISTRY[key] = _Entry(
+        DATASETS.replace(key, _Entry(
             name=key,
             fn=fn,
             options=options,
             needs_root=positional[0].default is inspect.Parameter.empty,
             summary=doc.splitlines()[0] if doc else "",
-        )
+        ))
         return fn
 
     return deco
@@ -69,14 +70,11 @@ def register_dataset(name: str) -> Callable[[Callable[..., SourceData]], Callabl
 
 def list_datasets() -> list[str]:
     """Names of the registered datasets, sorted."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def _entry(name: str) -> _Entry:
-    entry = _REGISTRY.get(_canonical(name))
-    if entry is None:
-        raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(list_datasets())}")
-    return entry
+    return DATASETS.get(name)
 
 
 def dataset_options(name: str) -> dict[str, Any]:

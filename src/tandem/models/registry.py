@@ -14,13 +14,14 @@ from typing import Callable
 import torch.nn as nn
 
 from ..errors import TandemError
+from ..registry import Registry
 
 Builder = Callable[..., nn.Module]
 Layout = Callable[..., list[tuple[str, int]]]
 """A layout maps a model's options to one (label, default width) pair per widths entry;
 the label names the layer whose output channels the entry sets."""
 
-_MODELS: dict[str, tuple[Builder, Layout | None]] = {}
+MODELS = Registry("model")   # name -> (builder, layout)
 
 
 def register_model(name: str, layout: Layout | None = None) -> Callable[[Builder], Builder]:
@@ -31,22 +32,18 @@ def register_model(name: str, layout: Layout | None = None) -> Callable[[Builder
     """
 
     def decorate(builder: Builder) -> Builder:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = (builder, layout)
+        MODELS.register(name, (builder, layout))
         return builder
 
     return decorate
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def _lookup(name: str) -> tuple[Builder, Layout | None]:
-    if name not in _MODELS:
-        raise TandemError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
-    return _MODELS[name]
+    return MODELS.get(name)
 
 
 def _options(name: str, builder: Builder, kwargs: dict) -> dict:

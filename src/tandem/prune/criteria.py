@@ -7,20 +7,21 @@ linear layer): selection then leaves that group whole.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import TandemError
+from ..registry import Registry
 from .groups import ChannelGraph, Group
 
-_CRITERIA: dict[str, Callable[..., "Criterion"]] = {}
+CRITERIA = Registry("pruning criterion")   # name -> Criterion class (structured, per channel)
 
 
 def register_criterion(name: str):
     def deco(cls):
-        _CRITERIA[name] = cls
+        CRITERIA.register(name, cls)
         cls.name = name
         return cls
     return deco
@@ -28,13 +29,13 @@ def register_criterion(name: str):
 
 def list_criteria() -> list[str]:
     """Structured (channel) criteria, then 'magnitude' (unstructured, per weight)."""
-    return sorted(_CRITERIA) + ["magnitude"]
+    return CRITERIA.names() + ["magnitude"]
 
 
 def get_criterion(name: str, **options) -> "Criterion":
-    if name not in _CRITERIA:
+    if name not in CRITERIA:
         raise TandemError(f"unknown pruning criterion {name!r}; allowed: {', '.join(list_criteria())}")
-    return _CRITERIA[name](**options)
+    return CRITERIA.get(name)(**options)
 
 
 class Criterion:

@@ -14,12 +14,14 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import RecipeError, one_of
+from ..registry import Registry
 from .kmeans import KMeansWeight
 from .quantizers import (DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct, PACTAct,
                          PICPQWeight)
 
 # method -> (weight quantizer class, input quantizer factory, what it is)
-QUANTIZERS: dict[str, tuple] = {
+QUANTIZERS = Registry("quantizer")
+for _name, _entry in {
     "dorefa": (DoReFaWeight, DoReFaAct, "DoReFa-Net weights (tanh) and clipped [0,1] activations, STE"),
     "dorefa_picpq": (PICPQWeight, DoReFaAct, "PIC-PQ's DoReFa variant: symmetric 2^k-1-level weight grid"),
     "pact": (DoReFaWeight, PACTAct, "PACT: learnable activation clip alpha; DoReFa weights"),
@@ -28,11 +30,12 @@ QUANTIZERS: dict[str, tuple] = {
     "percentile": (MinMaxWeight, "percentile", "min-max weights, activations clipped at a percentile (PTQ)"),
     "kmeans": (KMeansWeight, ObserverAct, "Deep Compression weight sharing: 2^b k-means centroids; "
                                           "min-max activations"),
-}
+}.items():
+    QUANTIZERS.register(_name, _entry)
 
 
 def list_quantizers() -> list[str]:
-    return list(QUANTIZERS)
+    return QUANTIZERS.names()
 
 
 def _check_bits(v: int, what: str) -> int:

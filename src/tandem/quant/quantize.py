@@ -28,7 +28,7 @@ def _match(name: str, patterns) -> list[str]:
 def _make_weight_quantizer(method, bits, layer, spec: QuantSpec):
     if bits >= 32:
         return None
-    cls = QUANTIZERS[method][0]
+    cls = QUANTIZERS.get(method)[0]
     channels = layer.weight.shape[0]
     if method == "kmeans":
         return cls(bits, spec.per_channel, channels, shape=layer.weight.shape, iters=spec.kmeans_iters)
@@ -38,7 +38,7 @@ def _make_weight_quantizer(method, bits, layer, spec: QuantSpec):
 def _make_input_quantizer(method, bits, spec: QuantSpec):
     if bits >= 32:
         return None
-    factory = QUANTIZERS[method][1]
+    factory = QUANTIZERS.get(method)[1]
     if factory == "percentile":
         return ObserverAct(bits, spec.signed_inputs, percentile=spec.percentile)
     if factory is PACTAct:
