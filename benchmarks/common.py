@@ -45,6 +45,31 @@ def median_ratio(times: dict[str, list[float]], ref: str, name: str) -> float:
     return statistics.median(round_ratios(times, ref, name))
 
 
+def step_trainer(nets: dict, objective, cfg, frozen: dict | None = None):
+    """tandem's Trainer, ready for `_simultaneous_step` calls outside fit() (schedulers built, train mode)."""
+    from tandem.engine import Trainer
+    from tandem.engine.optim import build_scheduler
+    t = Trainer(nets, objective, cfg, frozen=frozen)
+    t.schedulers = {n: build_scheduler(o, cfg, 100) for n, o in t.optimizers.items()}
+    for m in t.nets.values():
+        m.train()
+    return t
+
+
+def compare_steps(trainers: dict, x, y, rounds: int, steps: int, ref: str, name: str) -> dict:
+    """One warm-up step each, then engine steps timed in interleaved rounds: the medians (ms),
+    the ratio of the medians name / ref, the median of the per-round ratios, and every time."""
+    for t in trainers.values():
+        t._simultaneous_step(x, y)
+    times = interleaved_times({c: (lambda t=t: t._simultaneous_step(x, y)) for c, t in trainers.items()},
+                              rounds, steps)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    return {"median_step_ms": {c: round(v * 1e3, 1) for c, v in med.items()},
+            "ratio_of_medians": round(med[name] / med[ref], 3),
+            "median_of_round_ratios": round(median_ratio(times, ref, name), 3),
+            "times_ms": {c: [round(t * 1e3, 1) for t in v] for c, v in times.items()}}
+
+
 def write_result(name: str, payload: dict) -> Path:
     """benchmarks/results/<name>.json, with what produced it."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,12 @@ the result is the ratio of the medians (and, for reference, the median of per-ro
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from common import interleaved_times, median_ratio, write_result
+from common import compare_steps, step_trainer, write_result
 from tandem.distill.spec import MutualSpec
-from tandem.engine import Trainer, cross_entropy_objective
-from tandem.engine.optim import build_scheduler
+from tandem.engine import cross_entropy_objective
 from tandem.distill.objectives import dml_objective
 from tandem.models import create_model
 from tandem.prune import prune
@@ -27,14 +25,6 @@ from tandem.quant import QuantSpec, calibrate, quantize_
 from tandem.recipes import TrainSpec
 
 TARGET = 2.2
-
-
-def trainer(nets, objective, cfg):
-    t = Trainer(nets, objective, cfg)
-    t.schedulers = {n: build_scheduler(o, cfg, 100) for n, o in t.optimizers.items()}
-    for m in t.nets.values():
-        m.train()
-    return t
 
 
 def main() -> None:
@@ -55,15 +45,10 @@ def main() -> None:
     calibrate(quantized, [x[:32]])
     from tandem import cost
     macs_ratio = cost.profile(pruned, (3, 32, 32)).macs / cost.profile(fp, (3, 32, 32)).macs
-    runs = {"fp": trainer({"fp": fp}, cross_entropy_objective, cfg),
-            "mutual": trainer({"pruned": pruned, "quantized": quantized}, dml_objective(MutualSpec()), cfg)}
-    for t in runs.values():                                 # warm-up
-        t._simultaneous_step(x, y)
-    times = interleaved_times({c: (lambda t=t: t._simultaneous_step(x, y)) for c, t in runs.items()},
-                              a.rounds, a.steps)
-    med = {c: statistics.median(v) for c, v in times.items()}
-    ratio = med["mutual"] / med["fp"]
-    per_round = median_ratio(times, "fp", "mutual")
+    runs = {"fp": step_trainer({"fp": fp}, cross_entropy_objective, cfg),
+            "mutual": step_trainer({"pruned": pruned, "quantized": quantized}, dml_objective(MutualSpec()), cfg)}
+    result = compare_steps(runs, x, y, a.rounds, a.steps, ref="fp", name="mutual")
+    ratio = result["ratio_of_medians"]
     path = write_result("mutual_step-resnet20-cpu", {
         "protocol": f"ResNet-20, batch {a.batch_size}, 3x32x32 random input, CPU fp32, torch threads {a.threads}. "
                     f"Mutual step = tandem's Trainer step with the mutual method's DML objective (simultaneous): "
@@ -71,13 +56,11 @@ def main() -> None:
                     f"CE + KL(peer||self) each, one backward, two SGD steps. FP step = the same engine step of the "
                     f"unpruned FP ResNet-20 with CE. {a.rounds} interleaved rounds of {a.steps} steps; ratio of the "
                     f"medians. Absolute times vary with the machine's load; the ratios are the result.",
-        "target": f"mutual step <= {TARGET}x FP step of the larger peer",
-        "median_step_ms": {c: round(v * 1e3, 1) for c, v in med.items()},
-        "ratio_of_medians": round(ratio, 3), "median_of_round_ratios": round(per_round, 3),
-        "meets_target": ratio <= TARGET, "p_macs_ratio": round(macs_ratio, 4),
-        "times_ms": {c: [round(t * 1e3, 1) for t in v] for c, v in times.items()}})
-    print(f"median step: fp {med['fp'] * 1e3:.0f} ms, mutual {med['mutual'] * 1e3:.0f} ms; "
-          f"ratio of medians {ratio:.2f}x (target <= {TARGET}x); median of round ratios {per_round:.2f}x")
+        "target": f"mutual step <= {TARGET}x FP step of the larger peer", **result,
+        "meets_target": ratio <= TARGET, "p_macs_ratio": round(macs_ratio, 4)})
+    med = result["median_step_ms"]
+    print(f"median step: fp {med['fp']:.0f} ms, mutual {med['mutual']:.0f} ms; ratio of medians {ratio:.2f}x "
+          f"(target <= {TARGET}x); median of round ratios {result['median_of_round_ratios']:.2f}x")
     print(f"written to {path}")
 
 

@@ -9,6 +9,15 @@ INPUTS = {"small_cnn": (1, 12, 12), "vgg11": (3, 32, 32), "vgg13": (3, 32, 32), 
           "vgg19": (3, 32, 32)}
 
 
+def builtin(name):
+    """A built-in model with random BN statistics, and the input shape its tests use."""
+    from tandem.models import create_model
+    shape = INPUTS.get(name, (3, 16, 16))
+    kw = {"stem": "cifar"} if name == "resnet18" else {}
+    torch.manual_seed(0)
+    return randomize_bn(create_model(name, in_channels=shape[0], **kw)), shape
+
+
 def randomize_bn(model):
     """Non-trivial BN statistics so that a wrongly kept or dropped channel shows in the output."""
     g = torch.Generator().manual_seed(1)

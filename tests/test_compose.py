@@ -8,20 +8,13 @@ import torch
 import torch.nn as nn
 
 from tandem.engine import load_model, save_model
-from tandem.models import create_model, list_models
+from tandem.models import list_models
 from tandem.prune import ChannelGraph, ChannelPruner, prune
 from tandem.quant import calibrate, quantize_
 from tandem.quant.layers import QUANT_LAYERS
-from nets import INPUTS, UserNet, randomize_bn
+from nets import UserNet, builtin, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _builtin(name):
-    shape = INPUTS.get(name, (3, 16, 16))
-    kw = {"stem": "cifar"} if name == "resnet18" else {}
-    torch.manual_seed(0)
-    return randomize_bn(create_model(name, in_channels=shape[0], **kw)), shape
 
 
 def _quantized(model, x, **policy):
@@ -50,7 +43,7 @@ def _prune_quantized_exactly(model, x):
 
 @pytest.mark.parametrize("name", list_models())
 def test_prune_after_quantize_and_quantize_after_prune_on_every_builtin_model(name, tmp_path):
-    model, shape = _builtin(name)
+    model, shape = builtin(name)
     x = torch.randn(4, *shape)
     quantized = _quantized(copy.deepcopy(model), x, per_channel=True)
     small = _prune_quantized_exactly(quantized, x)
@@ -85,7 +78,7 @@ def test_prune_after_quantize_on_a_user_model_slices_quantizer_state(method):
 
 
 def test_sync_batchnorm_is_recognised_and_pruned():
-    model, shape = _builtin("resnet20")
+    model, shape = builtin("resnet20")
     x = torch.randn(2, *shape)
     plain_groups = [g.name for g in ChannelGraph(model, x[:1]).groups]
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))

@@ -8,18 +8,11 @@ import torch
 
 from tandem import cost
 from tandem.engine import load_model, save_model
-from tandem.models import create_model, list_models
+from tandem.models import list_models
 from tandem.prune.gates import approx_sign, gate_, gates_of, remove_closed, threshold_ste, ungate_
-from nets import INPUTS, UserNet, randomize_bn
+from nets import UserNet, builtin, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _builtin(name):
-    shape = INPUTS.get(name, (3, 16, 16))
-    kw = {"stem": "cifar"} if name == "resnet18" else {}
-    torch.manual_seed(0)
-    return randomize_bn(create_model(name, in_channels=shape[0], **kw)), shape
 
 
 def test_approx_sign_gradient_is_bireal_polynomial_derivative():
@@ -62,7 +55,7 @@ def _check_gated_equals_pruned(model, x):
 
 @pytest.mark.parametrize("name", list_models())
 def test_gated_equals_pruned_on_every_builtin_model(name):
-    model, shape = _builtin(name)
+    model, shape = builtin(name)
     x = torch.randn(2, *shape)
     plain = copy.deepcopy(model).eval()(x)
     gates = gate_(model, x[:1], "sign")
@@ -92,7 +85,7 @@ def test_gates_on_a_user_model_sign_and_threshold():
 
 
 def test_gates_are_parameters_that_save_load_copy_and_detach(tmp_path):
-    model, shape = _builtin("resnet20")
+    model, shape = builtin("resnet20")
     x = torch.randn(2, *shape)
     plain = copy.deepcopy(model).eval()(x)
     gate_(model, x[:1], "sign")
