@@ -136,12 +136,12 @@ class RunContext:
         return best
 
     def record(self, name: str, net: torch.nn.Module, val_top1: float | None = None, *,
-               stage: str | None = None, control: str | None = None, **cost_options) -> dict:
+               stage: str | None = None, control: str | list[str] | None = None, **cost_options) -> dict:
         """Evaluate `net` on test (and val when not given), count its cost, save it; one results row.
 
         Bits come from the layers themselves (quantized layers carry `w_bits`/`a_bits`);
         `cost_options` go to `cost.profile` (e.g. `first_last_bits=8`). `control` names the row of
-        this run that the network is to be compared with (summaries over seeds pair them)."""
+        this run (or a list of rows) that the network is to be compared with (summaries over seeds pair them)."""
         test = evaluate(net, self.eval_loader("test"))
         if val_top1 is None:
             val_top1 = evaluate(net, self.eval_loader("val"))["top1"]

@@ -62,18 +62,24 @@ def row_stats(seeds: list[int], per_seed: list[list[dict]]) -> list[dict]:
     return out
 
 
+def controls_of(row: dict) -> list[str]:
+    """The rows a row is to be compared with: its `control`, one name or a list."""
+    c = row.get("control")
+    return [] if not c else [c] if isinstance(c, str) else list(c)
+
+
 def paired_stats(seeds: list[int], per_seed: list[list[dict]]) -> list[dict]:
-    """One entry per (method row, its `control`): test top-1 of method minus control in each
+    """One entry per (method row, each of its controls): test top-1 of method minus control in each
     seed where both are present, in the order of `seeds`; `wins` counts the seeds where the
     method is ahead."""
-    pairs = list(dict.fromkeys((r["name"], r["control"]) for rows in per_seed for r in rows if r.get("control")))
+    pairs = list(dict.fromkeys((r["name"], c) for rows in per_seed for r in rows for c in controls_of(r)))
     out = []
     for method, control in pairs:
         used, diffs = [], []
         for s, rows in zip(seeds, per_seed):
             by = {r["name"]: r for r in rows}
             m, c = by.get(method), by.get(control)
-            if m and c and m.get("control") == control and _num(m.get("top1")) and _num(c.get("top1")):
+            if m and c and control in controls_of(m) and _num(m.get("top1")) and _num(c.get("top1")):
                 used.append(s)
                 diffs.append(m["top1"] - c["top1"])
         if not diffs:

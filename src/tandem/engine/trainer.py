@@ -244,6 +244,21 @@ class Trainer:
                     bar.set_postfix(loss=f"{total.item():.3f}", **self._last_val, refresh=False)
         return {k: (distributed.all_reduce_mean(v) / max(1, len(loader))).item() for k, v in sums.items()}
 
+    def train_steps(self, batches, steps: int) -> None:
+        """`steps` optimiser steps on `batches` (an iterable of (x, y)), outside the epoch loop:
+        no validation, checkpoint or progress bar (a search's short fine-tune of each candidate)."""
+        if not self.schedulers:
+            self.schedulers = {n: build_scheduler(o, self.cfg, steps) for n, o in self.optimizers.items()}
+        for m in self.nets.values():
+            m.train()
+        done = 0
+        for x, y in batches:
+            if done == steps:
+                break
+            self._simultaneous_step(x, y)
+            self.step += 1
+            done += 1
+
     def fit(self, train_loader, val_loader=None, resume: bool = False) -> dict:
         """Train for cfg.epochs; afterwards each net holds its best-by-validation weights."""
         self.schedulers = {n: build_scheduler(o, self.cfg, len(train_loader)) for n, o in self.optimizers.items()}

@@ -18,7 +18,10 @@ COLUMNS = [("name", "model", "{}"), ("top1", "test top-1 %", "{:.2f}"), ("val_to
 OPTIONAL_COLUMNS = [("nonzero_macs", "nonzero MACs (M)", "{:.3f}"),
                     ("gain_over_quantized", "top-1 gain over quantized (pp)", "{:+.2f}"),
                     ("gain_over_no_kd", "top-1 gain over no-KD control (pp)", "{:+.2f}"),
-                    ("gain_over_independent", "top-1 gain over independent (pp)", "{:+.2f}")]
+                    ("gain_over_independent", "top-1 gain over independent (pp)", "{:+.2f}"),
+                    ("macs_reduction", "MACs reduction", "{:.1%}"),
+                    ("params_reduction", "params reduction", "{:.1%}"),
+                    ("bops_ratio", "BOPs ratio (x)", "{:.2f}")]
 SCALE = {"params": 1e-6, "macs": 1e-6, "nonzero_macs": 1e-6, "bops": 1e-9, "bytes": 1 / 1024}
 GLOSSARY = {
     "name": "the results row; the part before '/' is the method that trained it, `baseline` the "
@@ -41,6 +44,9 @@ GLOSSARY = {
     "gain_over_quantized": "test top-1 minus that of `pqkd/quantized`, the student before distillation",
     "gain_over_no_kd": "test top-1 minus that of `pqkd/no-kd`, the same epochs with cross-entropy only",
     "gain_over_independent": "test top-1 minus that of `independent/<peer>`, the same peer trained alone",
+    "macs_reduction": "1 - MACs / MACs of the unpruned network the method pruned (e.g. PDD's student)",
+    "params_reduction": "1 - params / params of the unpruned network the method pruned",
+    "bops_ratio": "BOPs of the full-precision baseline / BOPs of this network (the compression ratio)",
 }
 BUDGETS = (("macs", "MACs", (2, 4, 10)), ("bops", "BOPs", (32, 128, 512)))   # fractions of the reference
 
@@ -199,6 +205,22 @@ def _settings(results: dict) -> list[str]:
             f"device {results.get('device', '?')}" + (f" x {world} processes" if world > 1 else "")]
 
 
+def layer_tables(rows: list[dict]) -> list[str]:
+    """Per-layer channels, sparsity and bits of the rows whose layers carry a `sparsity`
+    (methods that assign bits per layer from it, e.g. PIC-PQ)."""
+    out = []
+    for row in rows:
+        layers = row.get("layers") or []
+        if not any("sparsity" in layer for layer in layers):
+            continue
+        out += [f"### {row['name']}: per layer", "",
+                "| layer | in | out | MACs (M) | sparsity s_l | W bits | A bits |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {l['name']} | {l['in_channels']} | {l['out_channels']} | {l['macs'] * 1e-6:.3f} | "
+                f"{_cell(l, 'sparsity', '{:.3f}')} | {l['w_bits']} | {l['a_bits']} |" for l in layers]
+        out.append("")
+    return out
+
+
 def write_report(out_dir: Path, results: dict) -> None:
     from .plot import plot_accuracy_vs_cost
 
@@ -215,6 +237,7 @@ def write_report(out_dir: Path, results: dict) -> None:
              "## Results", "",
              markdown_table(rows), "",
              "Columns:", "", glossary(rows), "",
+             *layer_tables(rows),
              "![accuracy vs cost](accuracy_vs_cost.png)", "",
              f"commit `{results.get('commit')}`, wall time {results.get('wall_time_s') or 0:.1f} s, "
              f"torch {machine.get('torch')}, {machine.get('cpus')} CPUs", ""]

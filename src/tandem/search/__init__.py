@@ -1,0 +1,1 @@
+"""Searches over compression settings (regularized evolution for PIC-PQ)."""
