@@ -1,5 +1,6 @@
-"""CIFAR ResNet-20/32/56/110 (He et al. 2016, methods.md §0.1), plus the generic ResNet
-body (stem, stages of BasicBlocks, pool, FC) that ResNet-18 reuses.
+"""CIFAR ResNet-20/32/56/110 (He et al. 2016, methods.md §0.1) and their pre-activation
+versions (He et al. 2016b; SBS's models, methods.md §5.4), plus the generic ResNet body (stem,
+stages of BasicBlocks, pool, FC) that ResNet-18 reuses.
 
 widths = [stem] + [conv1_out, conv2_out] per block. Any width list is valid: the shortcut
 adapts when a pruned block's output width differs from its input width.
@@ -102,13 +103,40 @@ class BasicBlock(nn.Module):
         return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 + shortcut, no ReLU after the add (He et al. 2016b). A
+    projection shortcut (kind B: a 1x1 conv) reads the pre-activated input, as the reference
+    code does; option A and the identity read the block input."""
+
+    def __init__(self, in_ch, mid_ch, out_ch, stride=1, shortcut_kind="B", post_add_relu=True, channel_map=None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid_ch)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
+        if stride == 1 and in_ch == out_ch and channel_map is None:
+            self.shortcut = nn.Identity()
+        elif shortcut_kind == "A":
+            self.shortcut = ShortcutA(in_ch, out_ch, stride, channel_map)
+        else:
+            self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+        self.projection = isinstance(self.shortcut, nn.Conv2d)
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(x))
+        skip = self.shortcut(out if self.projection else x)
+        return self.conv2(self.relu2(self.bn2(self.conv1(out)))) + skip
+
+
 class ResNet(nn.Module):
     """``stem`` then stages of BasicBlocks (``layer1``...), global average pool, ``fc``.
     ``channel_maps``: {"layer2.0.shortcut": [...]} for option-A shortcuts whose residual streams
     were pruned (see ShortcutA); a pruned model's config carries them."""
 
     def __init__(self, stem, widths, blocks, strides, num_classes, shortcut_kind="A", post_add_relu=True,
-                 channel_maps=None):
+                 channel_maps=None, block=BasicBlock):
         super().__init__()
         self.stem = stem
         maps = dict(channel_maps or {})
@@ -116,13 +144,15 @@ class ResNet(nn.Module):
         for s, (n, stride) in enumerate(zip(blocks, strides), start=1):
             stage = []
             for b in range(n):
-                stage.append(BasicBlock(in_ch, widths[i], widths[i + 1], stride if b == 0 else 1,
-                                        shortcut_kind, post_add_relu, maps.pop(f"layer{s}.{b}.shortcut", None)))
+                stage.append(block(in_ch, widths[i], widths[i + 1], stride if b == 0 else 1,
+                                   shortcut_kind, post_add_relu, maps.pop(f"layer{s}.{b}.shortcut", None)))
                 in_ch, i = widths[i + 1], i + 2
             self.add_module(f"layer{s}", nn.Sequential(*stage))
         if maps:
             raise TandemError(f"channel_maps names {sorted(maps)[0]!r}, which is not a shortcut of this model")
         self.num_stages = len(blocks)
+        # pre-activation blocks end without BN and ReLU: they come once, before the pool
+        self.final = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU()) if block is PreActBlock else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self)
@@ -131,7 +161,7 @@ class ResNet(nn.Module):
         x = self.stem(x)
         for s in range(1, self.num_stages + 1):
             x = getattr(self, f"layer{s}")(x)
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(self.pool(self.final(x)).flatten(1))
 
 
 def resnet_layout(stem: int, blocks: list[int], stage_widths: list[int]) -> list[tuple[str, int]]:
@@ -171,3 +201,21 @@ def resnet56(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=Tr
 @register_model("resnet110", layout=_cifar_layout(18))
 def resnet110(num_classes, in_channels, widths, *, shortcut="A", post_add_relu=True, channel_maps=None):
     return _resnet_cifar(18, num_classes, in_channels, widths, shortcut, post_add_relu, channel_maps)
+
+
+def _preact_cifar(n, num_classes, in_channels, widths, shortcut, channel_maps):
+    check_choice(f"preact_resnet{6 * n + 2}", "shortcut", shortcut, ("A", "B"))
+    stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+    return ResNet(stem, widths, [n] * 3, [1, 2, 2], num_classes, shortcut, True, channel_maps, block=PreActBlock)
+
+
+@register_model("preact_resnet20", layout=_cifar_layout(3))
+def preact_resnet20(num_classes, in_channels, widths, *, shortcut="B", channel_maps=None):
+    """Pre-activation ResNet-20 (the architecture of SBS's CIFAR code); projection shortcuts."""
+    return _preact_cifar(3, num_classes, in_channels, widths, shortcut, channel_maps)
+
+
+@register_model("preact_resnet56", layout=_cifar_layout(9))
+def preact_resnet56(num_classes, in_channels, widths, *, shortcut="B", channel_maps=None):
+    """Pre-activation ResNet-56; projection shortcuts."""
+    return _preact_cifar(9, num_classes, in_channels, widths, shortcut, channel_maps)

@@ -181,19 +181,23 @@ class ChannelGates(nn.Module):
         closed = self.closed()
         return {name: g.size - len(closed.get(name, ())) for name, g in zip(self.group_names(), self.gates.values())}
 
-    def macs(self) -> torch.Tensor:
-        """The conv/linear MACs with each group at its gated width, differentiable through the gates
-        (a channel counts as its gate value)."""
+    def layer_macs(self) -> dict[str, torch.Tensor | float]:
+        """{conv/linear layer: its MACs with each group at its gated width}, differentiable
+        through the gates (a channel counts as its gate value)."""
         if self.macs_terms is None:
             raise TandemError("these gates were rebuilt from a file without the traced graph; "
                               "gate the model with gate_ to count MACs")
         kept = {k: g().sum() for k, g in self.gates.items()}
-        total = 0.0
-        for unit, out, inp, outs, ins in self.macs_terms:
-            o = out - sum(self.gates[k].size - kept[k] for k in outs)
-            i = inp - sum(r * (self.gates[k].size - kept[k]) for k, r in ins)
-            total = total + unit * o * i
-        return total
+        out = {}
+        for name, unit, o, i, outs, ins in self.macs_terms:
+            o = o - sum(self.gates[k].size - kept[k] for k in outs)
+            i = i - sum(r * (self.gates[k].size - kept[k]) for k, r in ins)
+            out[name] = unit * o * i
+        return out
+
+    def macs(self) -> torch.Tensor:
+        """The conv/linear MACs at the gated widths (see layer_macs)."""
+        return sum(self.layer_macs().values())
 
 
 def _sites(group: Group) -> list[tuple[str, int, int]]:
@@ -206,7 +210,7 @@ def _macs_terms(graph: ChannelGraph, keys: dict[str, Group]) -> list:
     for name, layer in graph.layers.items():
         outs = [k for k, g in keys.items() for m in g.members if m.module == name and m.kind in ("out", "dw")]
         ins = [(k, m.repeat) for k, g in keys.items() for m in g.members if m.module == name and m.kind == "in"]
-        terms.append((layer.unit, layer.out, layer.in_pg, outs, ins))
+        terms.append((name, layer.unit, layer.out, layer.in_pg, outs, ins))
     return terms
 
 

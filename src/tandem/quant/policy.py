@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ..errors import RecipeError, one_of
 from ..registry import Registry
+from .bit_sharing import SBSAct, SBSWeight
 from .kmeans import KMeansWeight
 from .quantizers import (DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct, PACTAct,
                          PICPQWeight)
@@ -30,6 +31,8 @@ for _name, _entry in {
     "percentile": (MinMaxWeight, "percentile", "min-max weights, activations clipped at a percentile (PTQ)"),
     "kmeans": (KMeansWeight, ObserverAct, "Deep Compression weight sharing: 2^b k-means centroids; "
                                           "min-max activations"),
+    "sbs": (SBSWeight, SBSAct, "SBS's quantizer: standardised weights and inputs clipped at a learnable alpha "
+                               "(bit sharing over candidate widths: tandem.quant.bit_sharing)"),
 }.items():
     QUANTIZERS.register(_name, _entry)
 

@@ -1,0 +1,324 @@
+"""sbs: single-path bit sharing, with pruning as 0-bit quantization (Liu et al. TPAMI 2023;
+methods.md §5; details from the earlier ABS version).
+
+    method: sbs
+    model: preact_resnet20
+    sbs: {bits: [2, 4, 8], group_size: 4, bops_target: 0.02, search_epochs: 30, finetune_epochs: 200}
+
+1. The pretrained model is quantized with the `sbs` quantizer (§5.2) at the highest candidate
+   width, the first and last layers at `first_last_bits` (min-max, fixed), and every other
+   weight and input quantizer becomes a bit-sharing one (tandem.quant.bit_sharing): one pass,
+   per-layer bit gates for weights and for inputs (thresholds t >= 0, from 0).
+2. Channel gates (0 bits): groups of `group_size` output channels of the block-internal layers
+   (`channels: internal`; the channel graph's groups with one producer and no shortcut), score
+   mean|W_g| / max|W_layer|, gate 1[score > tau] with one learnable tau per layer (from 0),
+   clamped to [0, tau_max] so at most `max_prune_ratio` of a layer's groups can close; the
+   weights' standardisation uses the kept filters only.
+3. Search (`sbs-search`): CE + lam log BOPs (or, with `bops_target`, lam max(0, log BOPs -
+   log(target x FP BOPs))), BOPs a function of the gates (MACs at the gated widths x expected
+   weight bits x expected input bits, per layer); thresholds without weight decay; weight- and
+   input-bit thresholds on alternate steps, channel thresholds every step.
+4. Freeze: each layer keeps the bits its hard gates chose, closed channels are removed
+   physically, and the compact model is fine-tuned with the plain quantizer (`sbs-finetune`).
+
+Controls in the same run, same epochs: uniform 4-bit QAT with the same quantizer (`sbs/4bit`)
+and bits-only SBS (no channel gates, `sbs/bits-only`). Rows: `sbs/searched` (the compact model
+right after the search), `sbs/compressed` (after fine-tune, paired with both controls), the
+controls; each with `bops_ratio` against the baseline.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .. import cost
+from ..errors import RecipeError, TandemError
+from ..prune import ChannelGraph
+from ..prune.gates import ThresholdGate, gate_, gates_of, remove_closed
+from ..quant import QUANT_LAYERS, calibrate, quantize_
+from ..quant.bit_sharing import SBSAct, SBSWeight, check_candidates, search_
+from . import register_method, register_section
+
+
+class SbsSpec(BaseModel):
+    """Defaults: the authors' code / ABS where known; [UNKNOWN] values are marked."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
+    group_size: int = Field(4, ge=1)                  # the code: 4; the paper's "filter-wise": 1
+    max_prune_ratio: float = Field(0.5, ge=0, lt=1)   # [UNKNOWN] rho_max
+    channels: Literal["internal", "all", "none"] = "internal"   # which channel groups get 0-bit gates
+    lam: float = Field(1.0, gt=0)                     # [UNKNOWN] the BOPs term's weight
+    threshold_lr: Optional[float] = Field(None, gt=0)   # None: search_lr, as the code (all thresholds)
+    bops_target: Optional[float] = None               # fraction of the FP BOPs; None: lam log BOPs
+    first_last_bits: int = Field(8, ge=2, le=32)      # the code: stem and classifier at 8 bits
+    search_epochs: int = Field(30, ge=1)              # ABS
+    search_lr: float = Field(0.001, gt=0)             # ABS: 0.001 from the FP model
+    finetune_epochs: int = Field(200, ge=0)           # ABS
+    finetune_lr: float = Field(0.1, gt=0)
+    finetune_milestones: list[float] = Field(default_factory=lambda: [0.4, 0.6])   # ABS: /10 at 80, 120 of 200
+    controls: list[Literal["uniform4", "bits_only"]] = Field(default_factory=lambda: ["uniform4", "bits_only"])
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        try:
+            return check_candidates(v)
+        except TandemError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("bops_target")
+    @classmethod
+    def _target(cls, v):
+        if v is not None and not 0 < v <= 1:
+            raise ValueError("bops_target is a fraction of the full-precision BOPs; allowed range (0, 1]")
+        return v
+
+    @field_validator("finetune_milestones")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0 < m < 1 for m in v):
+            raise ValueError("milestones are fractions of the fine-tune's epochs, each in (0, 1)")
+        return v
+
+
+register_section("sbs", SbsSpec)
+
+
+def sbs_spec(ctx) -> SbsSpec:
+    return ctx.recipe.sbs or SbsSpec()
+
+
+def channel_groups(graph: ChannelGraph, which: str) -> list[str]:
+    """Groups that get 0-bit gates: `internal` = one producer and no shortcut map (a block's
+    conv1 channels, a VGG layer), `all`, or none; in a quantized model only groups whose every
+    weight layer has an sbs quantizer (the fixed-width first and last layers' grids, min-max,
+    would move with the channels)."""
+    if which == "none":
+        return []
+
+    def searched(g):
+        mods = [graph.module(m.module) for m in g.members if m.kind in ("out", "dw", "in")]
+        quantized = [getattr(mod, "weight_quantizer", None) for mod in mods]
+        return all(q is None for q in quantized) or all(isinstance(q, SBSWeight) for q in quantized)
+    return [g.name for g in graph.groups if searched(g) and
+            (which == "all" or (len(g.of_kind("out")) == 1 and not g.of_kind("map_in", "map_out")))]
+
+
+class _Kept:
+    """Which entries of a layer's weight the channel gates keep along one axis (0: output
+    filters, of the group's producers and depthwise convs; 1: input channels of its readers),
+    as a boolean vector for that axis."""
+
+    def __init__(self, gate: ThresholdGate, dim: int, offset: int, repeat: int, length: int):
+        self.gate, self.dim, self.offset, self.repeat, self.length = gate, dim, offset, repeat, length
+
+    def __call__(self) -> torch.Tensor:
+        open_ = (self.gate().detach() > 0.5).repeat_interleave(self.repeat)
+        mask = torch.ones(self.length, dtype=torch.bool, device=open_.device)
+        mask[self.offset:self.offset + open_.numel()] = open_
+        return mask
+
+
+def attach_kept(model: nn.Module, graph: ChannelGraph, gates) -> None:
+    """Each sbs weight quantizer standardises over the weights the channel gates keep, so the
+    gated model computes what the compact one (closed channels removed) computes."""
+    groups = {g.name: g for g in graph.groups}
+    for key, gate in gates.gates.items():
+        for m in groups[gates.sources[key]].members:
+            if m.kind not in ("out", "dw", "in"):
+                continue
+            layer = model.get_submodule(m.module)
+            wq = getattr(layer, "weight_quantizer", None)
+            if isinstance(wq, SBSWeight):
+                dim = 1 if m.kind == "in" else 0
+                wq.kept_by = [*(wq.kept_by or []), _Kept(gate, dim, m.offset, m.repeat, layer.weight.shape[dim])]
+
+
+def _quant_policy(spec: SbsSpec, bits: int | None = None) -> dict:
+    b = bits or spec.bits[-1]
+    return {"method": "sbs", "w_bits": b, "a_bits": b, "first_last": spec.first_last_bits,
+            "first_last_method": "minmax"}
+
+
+def build_searching(ctx, base, spec: SbsSpec, channels: str):
+    """The pretrained model, quantized, with bit-sharing quantizers and (unless channels is
+    'none') channel gates; returns (model, channel gates or None, quantizers, graph)."""
+    model = quantize_(copy.deepcopy(base), _quant_policy(spec))
+    calibrate(model, ctx.eval_loader("train"), num_batches=4)
+    quantizers = search_(model, spec.bits)
+    example = torch.zeros(1, *ctx.input_size, device=ctx.device)
+    graph = ChannelGraph(model, example)
+    groups = channel_groups(graph, channels)
+    gates = None
+    if groups:
+        for name in groups:
+            size = next(g.size for g in graph.groups if g.name == name)
+            if size % spec.group_size:
+                raise TandemError(f"sbs.group_size = {spec.group_size} does not divide the {size} output channels "
+                                  f"of layer {name!r}; choose a divisor of every gated layer's width")
+        gates = gate_(model, example, "threshold", groups=groups, group_size=spec.group_size)
+        attach_kept(model, graph, gates)
+    return model, gates, quantizers, graph
+
+
+def differentiable_bops(model: nn.Module, graph: ChannelGraph, gates) -> torch.Tensor:
+    """sum over conv/linear layers of MACs (at the gated widths) x weight bits x input bits,
+    bits as the bit gates' expected widths (exactly the hard widths in value; gradients reach
+    every threshold through the straight-through gates)."""
+    macs = gates.layer_macs() if gates is not None else \
+        {n: l.unit * l.out * l.in_pg for n, l in graph.layers.items()}
+    total = 0.0
+    for name, m in macs.items():
+        layer = model.get_submodule(name)
+        wq, aq = getattr(layer, "weight_quantizer", None), getattr(layer, "input_quantizer", None)
+        wb = wq.expected_bits() if isinstance(wq, SBSWeight) else float(getattr(layer, "w_bits", 32))
+        ab = aq.expected_bits() if isinstance(aq, SBSAct) else float(getattr(layer, "a_bits", 32))
+        total = total + m * wb * ab
+    return total
+
+
+class SearchControl:
+    """Callback of the search stage: weight-bit thresholds learn on even steps, input-bit
+    thresholds on odd ones (the other's gradient is dropped), channel thresholds every step;
+    after each step t >= 0 and each channel tau in [0, tau_max]."""
+
+    def __init__(self, quantizers, gates, max_prune_ratio: float, group_size: int):
+        self.weight = [q.gates.threshold for q in quantizers if isinstance(q, SBSWeight)]
+        self.act = [q.gates.threshold for q in quantizers if isinstance(q, SBSAct)]
+        self.gates, self.rho, self.g = gates, max_prune_ratio, group_size
+
+    def after_backward(self, trainer) -> None:
+        for t in (self.act if trainer.step % 2 == 0 else self.weight):
+            t.grad = None
+
+    @torch.no_grad()
+    def after_step(self, trainer) -> None:
+        for t in self.weight + self.act:
+            t.clamp_(min=0)
+        if self.gates is not None:
+            for gate in self.gates.gates.values():
+                gate.threshold.clamp_(0, tau_max(gate, self.rho))
+
+
+def tau_max(gate: ThresholdGate, rho: float) -> float:
+    """The k-th smallest group score, k = max(1, floor(C rho / G)): at most k groups can close."""
+    scores = gate.scores().detach().sort().values
+    k = max(1, math.floor(gate.size * rho / gate.group_size))
+    return float(scores[min(k, len(scores)) - 1]) if rho > 0 else 0.0
+
+
+def sbs_objective(spec: SbsSpec, model, graph, gates, fp_bops: float):
+    def objective(outputs, y, x):
+        losses = {"ce/net": F.cross_entropy(outputs["net"].float(), y)}
+        log_bops = torch.log(torch.as_tensor(differentiable_bops(model, graph, gates)))
+        if spec.bops_target is not None:
+            losses["bops/net"] = spec.lam * (log_bops - math.log(spec.bops_target * fp_bops)).clamp_min(0)
+        else:
+            losses["bops/net"] = spec.lam * log_bops
+        return losses
+    return objective
+
+
+def freeze(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The compact model: each layer at the bits its hard gates chose, closed channels removed,
+    the quantize_ record rewritten with per-layer widths so the file rebuilds it."""
+    chosen = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QUANT_LAYERS):
+            continue
+        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        if isinstance(wq, SBSWeight) and wq.candidates is not None:
+            wq.freeze_(wq.selected(layer.weight))
+            layer.w_bits = wq.bits
+        if isinstance(aq, SBSAct) and aq.candidates is not None:
+            aq.freeze_(aq.selected())
+            layer.a_bits = aq.bits
+        chosen[name] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
+    for record in getattr(model, "tandem_transforms", []):
+        if record.get("kind") == "quantize":
+            record["policy"]["overrides"] = {**record["policy"].get("overrides", {}), **chosen}
+    if gates_of(model) is not None:
+        for m in model.modules():
+            if isinstance(m, SBSWeight):
+                m.kept_by = None
+        return remove_closed(model, example)
+    return copy.deepcopy(model)
+
+
+def _finetune_cfg(ctx, spec):
+    e = spec.finetune_epochs
+    return ctx.recipe.train.model_copy(update={"epochs": e, "lr": spec.finetune_lr, "schedule": "multistep",
+                                               "milestones": [m * e for m in spec.finetune_milestones],
+                                               "gamma": 0.1, "warmup_epochs": 0.0})
+
+
+def _search_cfg(ctx, spec):
+    return ctx.recipe.train.model_copy(update={"epochs": spec.search_epochs, "lr": spec.search_lr})
+
+
+def _run_sbs(ctx, spec, base, channels: str, tag: str, fp_bops: float):
+    model, gates, quantizers, graph = build_searching(ctx, base, spec, channels)
+    objective = sbs_objective(spec, model, graph, gates, fp_bops)
+    ctx.train_stage(f"sbs-{tag}search", {"net": model}, objective, cfg=_search_cfg(ctx, spec),
+                    callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio, spec.group_size)],
+                    param_options={"gate": {"weight_decay": 0.0, **({"lr": spec.threshold_lr} if spec.threshold_lr else {})}})
+    model.eval()
+    with torch.no_grad():   # the inputs' bits are read from a batch: the last training batch's statistics
+        model(next(iter(ctx.eval_loader("train")))[0])
+    return freeze(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
+
+
+def _preflight(ctx) -> None:
+    spec = sbs_spec(ctx)
+    model = ctx.create_model()
+    try:
+        graph = ChannelGraph(model.to(ctx.device), torch.zeros(1, *ctx.input_size, device=ctx.device))
+    except TandemError as exc:
+        raise TandemError(f"sbs: the model {ctx.recipe.model.name!r}: {exc}") from None
+    for name in channel_groups(graph, spec.channels):
+        size = next(g.size for g in graph.groups if g.name == name)
+        if size % spec.group_size:
+            raise RecipeError(f"recipe error: sbs.group_size = {spec.group_size} does not divide the {size} output "
+                              f"channels of layer {name!r}; choose a divisor of every gated layer's width")
+
+
+@register_method("sbs")
+def sbs(ctx) -> None:
+    spec = sbs_spec(ctx)
+    base = ctx.pretrained()
+    fp_bops = cost.profile(base, ctx.input_size).bops
+
+    def record(name, net, best, stage, control=None):
+        v = best["net"]["val_top1"] if best else None
+        row = ctx.record(name, net, v if v is not None and v >= 0 else None, stage=stage, control=control)
+        row["bops_ratio"] = fp_bops / row["bops"]
+        return row
+
+    controls = [f"sbs/{'4bit' if c == 'uniform4' else 'bits-only'}" for c in spec.controls]
+    compact = _run_sbs(ctx, spec, base, spec.channels, "", fp_bops)
+    record("sbs/searched", compact, None, "sbs-search")
+    best = ctx.train_stage("sbs-finetune", {"net": compact}, cfg=_finetune_cfg(ctx, spec)) \
+        if spec.finetune_epochs else None
+    record("sbs/compressed", compact, best, "sbs-finetune", control=controls or None)
+    if "bits_only" in spec.controls:
+        bits_only = _run_sbs(ctx, spec, base, "none", "bits-only-", fp_bops)
+        best = ctx.train_stage("sbs-bits-only-finetune", {"net": bits_only}, cfg=_finetune_cfg(ctx, spec)) \
+            if spec.finetune_epochs else None
+        record("sbs/bits-only", bits_only, best, "sbs-bits-only-finetune")
+    if "uniform4" in spec.controls:
+        four = quantize_(copy.deepcopy(base), _quant_policy(spec, bits=4))
+        calibrate(four, ctx.eval_loader("train"), num_batches=4)
+        ctx.train_stage("sbs-4bit-search", {"net": four}, cfg=_search_cfg(ctx, spec))
+        best = ctx.train_stage("sbs-4bit-finetune", {"net": four}, cfg=_finetune_cfg(ctx, spec)) \
+            if spec.finetune_epochs else None
+        record("sbs/4bit", four, best, "sbs-4bit-finetune")
+
+
+sbs.preflight = _preflight

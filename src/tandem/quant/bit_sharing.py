@@ -1,0 +1,228 @@
+"""SBS's quantizer (methods.md §5.2) and single-path bit sharing (§5.3).
+
+`SBSWeight` / `SBSAct` are the plain §5.2 quantizers at a fixed bit width (quantizer `sbs`):
+weights standardised with detached statistics, z = (clip(w^/|alpha|, -1, 1) + 1) / 2,
+w_q = |alpha| (2 Q_b(z) - 1); inputs z = clip(x/|alpha|, 0, 1), x_q = |alpha| Q_b(z); alpha
+learnable, initialised to 1; Q_b(z) = round(z (2^b - 1)) / (2^b - 1) with a straight-through
+round.
+
+`search_(quantizer, bits)` turns one into a bit-sharing quantizer over candidate bits
+b_1 < ... < b_K (each dividing the next, so each coarse grid lies in the finer one): one pass
+computes z^1 = Q_b1(z) and z^(j+1) = z^j + Q_b(j+1)(z - z^j) = Q_b(j+1)(z), and outputs
+z^1 + sum_j (prod_{i<=j} g_i) Q_b(j+1)(r_j) with gates g_j = 1[mean|r_j| > t_j] (t_j >= 0,
+learnable, initialised to 0: all open = the highest candidate). `freeze_()` keeps the chosen
+width and drops the gates.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import TandemError
+from ..prune.gates import threshold_ste
+from .quantizers import PACTAct, WeightQuantizer, _ClipRound, round_ste
+
+
+def check_candidates(bits) -> list[int]:
+    """Sorted candidate bits; each in 1..8 and dividing the next (methods.md §5.3: otherwise the
+    decomposition is not exact, e.g. {2, 3, 4})."""
+    bits = sorted(int(b) for b in bits)
+    if not bits or len(set(bits)) != len(bits) or any(not 1 <= b <= 8 for b in bits):
+        raise TandemError(f"candidate bits {bits}: give distinct widths in 1..8")
+    for lo, hi in zip(bits, bits[1:]):
+        if hi % lo:
+            raise TandemError(f"candidate bits {bits}: {lo} does not divide {hi}, so the {lo}-bit grid is not part "
+                              f"of the {hi}-bit grid and bit sharing would not be exact (methods.md §5.3); "
+                              f"use e.g. [2, 4, 8]")
+    return bits
+
+
+def q_unit(z: torch.Tensor, bits: int) -> torch.Tensor:
+    n = 2 ** bits - 1
+    return round_ste(z * n) / n
+
+
+class BitGates(nn.Module):
+    """Thresholds t_j of one quantizer's bit gates (optimiser category `gate`: no weight decay
+    when the method says so)."""
+    param_category = "gate"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.zeros(k))
+
+    def forward(self, residual: torch.Tensor, j: int) -> torch.Tensor:
+        return threshold_ste(residual.abs().mean(), self.threshold[j])
+
+
+def shared(z: torch.Tensor, bits: list[int], gates: BitGates | None, record: list | None = None) -> torch.Tensor:
+    """The single-path decomposition; gates None = every gate open. `record` receives the
+    cumulative gate products (prod_{i<=j} g_i, with their gradients) for the BOPs."""
+    q = q_unit(z, bits[0])
+    out, keep = q, None
+    for j in range(1, len(bits)):
+        r = z - q
+        step = q_unit(r, bits[j])
+        if gates is not None:
+            g = gates(r, j - 1)
+            keep = g if keep is None else keep * g
+            if record is not None:
+                record.append(keep)
+            out = out + keep * step
+        else:
+            out = out + step
+        q = q + step
+    return out
+
+
+class _BitSharing:
+    """What both sides share: candidate bits, gates, the hard choice, freezing. (No class-level
+    `gates` default: it would hide the registered submodule from nn.Module's lookup.)"""
+
+    def _init_sharing(self) -> None:
+        self.candidates, self.gates, self.products = None, None, []
+
+    def start_search(self, bits) -> None:
+        self.candidates = check_candidates(bits)
+        self.gates = BitGates(len(self.candidates) - 1).to(self.alpha.device)
+        self.bits = self.candidates[-1]
+        self.products: list = []   # this forward's cumulative gate products (expected_bits)
+
+    def expected_bits(self) -> torch.Tensor | float:
+        """b_1 + sum_j (prod_{i<=j} g_i)(b_(j+1) - b_j): the width the hard gates chose, with
+        the gates' straight-through gradient (from the last forward pass)."""
+        if self.candidates is None:
+            return float(self.bits)
+        if not self.products:
+            raise TandemError("expected_bits needs a forward pass of the searching model first")
+        c = self.candidates
+        return c[0] + sum(p * (c[j + 1] - c[j]) for j, p in enumerate(self.products))
+
+    def freeze_(self, bits: int) -> None:
+        """Search over: keep `bits`, drop the gates."""
+        self.bits, self.candidates, self.gates, self.products = bits, None, None, []
+
+    def _hard_bits(self) -> int:
+        """The width the hard gates chose in this forward pass (the products are 0 or 1)."""
+        c = self.candidates
+        return c[0] + sum(int(round(float(p.detach()))) * (c[j + 1] - c[j]) for j, p in enumerate(self.products))
+
+    def _quantize_unit(self, z):
+        """In search: the value of the directly quantized z at the chosen width (bit for bit what
+        the frozen quantizer computes), the gradient of the decomposition (to z and the gates)."""
+        if self.candidates is None:
+            return q_unit(z, self.bits)
+        self.products = []
+        s = shared(z, self.candidates, self.gates, self.products)
+        return q_unit(z, self._hard_bits()).detach() + (s - s.detach())
+
+    @torch.no_grad()
+    def chosen_bits(self, residuals_of) -> int:
+        """The width the hard gates select: b_1 if g_1 = 0, b_2 if g_1 = 1 and g_2 = 0, ..."""
+        if self.candidates is None:
+            return self.bits
+        z = residuals_of()
+        q = q_unit(z, self.candidates[0])
+        for j in range(1, len(self.candidates)):
+            r = z - q
+            if not bool(r.abs().mean() > self.gates.threshold[j - 1]):
+                return self.candidates[j - 1]
+            q = q + q_unit(r, self.candidates[j])
+        return self.candidates[-1]
+
+
+
+class SBSWeight(_BitSharing, WeightQuantizer):
+    kind = "sbs"
+    rescales = True   # w_q lives on the standardised scale: calibrate re-estimates BN
+
+    def __init__(self, bits, per_channel=False, channels=1):
+        super().__init__(bits, per_channel, channels)
+        if per_channel:
+            raise TandemError("the sbs quantizer is per tensor (one alpha per layer); set per_channel=false")
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self._init_sharing()
+        self.kept_by = None   # callables giving the kept entries along an axis (SBS's channel gates)
+        self.set_flags(calibrated=True)
+
+    def _z(self, w):
+        """z in [0, 1] from the standardised weights; statistics (detached) over the kept filters."""
+        kept = w
+        if self.kept_by:   # [per-axis masks]: output filters and input channels the channel gates keep
+            mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+            for k in self.kept_by:
+                shape = [1] * w.dim()
+                shape[k.dim] = -1
+                mask = mask & k().to(w.device).view(shape)
+            kept = w[mask]
+        kept = kept.detach().double()   # float64: the compact layer's statistics agree to the last bit more often
+        mean, std = kept.mean().to(w.dtype), kept.std().clamp_min(1e-8).to(w.dtype)
+        a = self.alpha.abs().clamp_min(1e-8)
+        return (torch.clamp((w - mean) / std / a, -1, 1) + 1) / 2
+
+    def forward(self, w):
+        if self.bits >= 32:
+            return w
+        return self.alpha.abs() * (2 * self._quantize_unit(self._z(w)) - 1)
+
+    def selected(self, w) -> int:
+        return self.chosen_bits(lambda: self._z(w))
+
+    @torch.no_grad()
+    def affine(self, w):
+        n = 2 ** self.bits - 1
+        codes = torch.round(self._z(w) * n).long()
+        a = self.alpha.detach().abs()
+        return codes, 2 * a / n, -a
+
+    def decode(self, codes, scale):
+        n = 2 ** self.bits - 1
+        return (codes.float() - n / 2) * scale
+
+
+class SBSAct(_BitSharing, PACTAct):
+    """Inputs: x_q = |alpha| Q_b(clip(x / |alpha|, 0, 1)) (PACT's grid and gradient at a fixed
+    width, alpha initialised to 1 as the code); in search, the bit-sharing decomposition."""
+    kind = "sbs"
+
+    def __init__(self, bits, signed="auto"):
+        super().__init__(bits, signed, alpha=1.0)
+        self._init_sharing()
+        self._last_z = None
+
+    def start_search(self, bits) -> None:
+        if self.signed:
+            raise TandemError("bit sharing quantizes unsigned inputs (after a ReLU); this layer's input is "
+                              "signed: keep it at a fixed width (first_last, skip or overrides)")
+        super().start_search(bits)
+
+    def _z(self, x):
+        return torch.clamp(x / self.alpha.abs().clamp_min(1e-8), 0, 1)
+
+    def quantize(self, x):
+        if self.candidates is None:
+            return super().quantize(x)
+        z = self._z(x)
+        self._last_z = z.detach()
+        self.products = []
+        s = self.alpha.abs() * shared(z, self.candidates, self.gates, self.products)
+        direct = _ClipRound.apply(x, self.alpha, 2 ** self._hard_bits() - 1, False)   # the frozen forward
+        return direct.detach() + (s - s.detach())
+
+    def selected(self) -> int:
+        if self._last_z is None:
+            raise TandemError("an activation's bits are chosen from the last batch it saw; run a forward pass first")
+        return self.chosen_bits(lambda: self._last_z)
+
+
+def search_(model: nn.Module, bits) -> list:
+    """Every `sbs` quantizer of `model` (weights, and inputs found unsigned at calibration)
+    becomes a bit-sharing one over `bits`; returns them."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, (SBSWeight, SBSAct)) and m.bits < 32 and not (isinstance(m, SBSAct) and m.signed):
+            m.start_search(bits)   # a signed input (no ReLU before it, e.g. MobileNetV2's
+            out.append(m)          # bottleneck) stays at its fixed width, symmetric [INFER]
+    if not out:
+        raise TandemError("search_: the model has no sbs quantizers; quantize_ it with method='sbs' first")
+    return out

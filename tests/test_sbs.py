@@ -1,0 +1,129 @@
+"""SBS: the bit-sharing decomposition against direct quantization, refused candidate lists, the
+differentiable BOPs against cost.profile of the hard configuration on every built-in model,
+gradients to every threshold, the tau clamp, compact = gated model, and a run end to end."""
+import json
+
+import pytest
+import torch
+
+from tandem import cost
+from tandem.cli import main
+from tandem.errors import TandemError
+from tandem.methods.sbs import SearchControl, attach_kept, channel_groups, differentiable_bops, freeze, tau_max
+from tandem.models import list_models
+from tandem.prune import ChannelGraph
+from tandem.prune.gates import gate_
+from tandem.quant import calibrate, quantize_
+from tandem.quant.bit_sharing import BitGates, check_candidates, q_unit, shared, search_
+from nets import builtin
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_decomposition_equals_direct_quantization_for_every_gate_setting():
+    z = torch.rand(4000)
+    gates = BitGates(2)
+    for g1, g2, want in ((0, 0, 2), (0, 1, 2), (1, 0, 4), (1, 1, 8)):
+        # a threshold above every residual closes a gate, a negative one opens it
+        with torch.no_grad():
+            gates.threshold.copy_(torch.tensor([-1.0 if g1 else 10.0, -1.0 if g2 else 10.0]))
+        torch.testing.assert_close(shared(z, [2, 4, 8], gates), q_unit(z, want), atol=1e-6, rtol=0)
+    torch.testing.assert_close(shared(z, [2, 4, 8], None), q_unit(z, 8), atol=1e-6, rtol=0)   # all open = 8 bit
+    torch.testing.assert_close(shared(z, [1, 2, 4, 8], None), q_unit(z, 8), atol=1e-6, rtol=0)
+
+
+def test_candidate_lists_that_do_not_nest_are_refused():
+    assert check_candidates([8, 2, 4]) == [2, 4, 8]
+    for bad, words in (([2, 3, 4], "2 does not divide 3"), ([2, 4, 16], "1..8"), ([0, 2], "1..8"), ([], "1..8")):
+        with pytest.raises(TandemError, match=words):
+            check_candidates(bad)
+
+
+def _searching(name, channels=True):
+    model, shape = builtin(name)
+    x = torch.randn(4, *shape)
+    model = quantize_(model, method="sbs", w_bits=8, a_bits=8, first_last=8)
+    calibrate(model, [x])
+    quantizers = search_(model, [2, 4, 8])
+    graph = ChannelGraph(model, x[:1])
+    gates = None
+    if channels:
+        groups = [n for n in channel_groups(graph, "internal") if graph_size(graph, n) % 2 == 0]
+        if groups:
+            gates = gate_(model, x[:1], "threshold", groups=groups, group_size=2)
+            attach_kept(model, graph, gates)
+    return model, gates, quantizers, graph, x, shape
+
+
+def graph_size(graph, name):
+    return next(g.size for g in graph.groups if g.name == name)
+
+
+def _random_choice(quantizers, gates, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in quantizers:
+            q.gates.threshold.copy_(torch.where(torch.rand(2, generator=g) < 0.5, torch.tensor(10.0), torch.tensor(-1.0)))
+        for gate in (gates.gates.values() if gates is not None else []):
+            gate.threshold.copy_(gate.scores().median())
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("resnet110", "resnet56", "preact_resnet56")])
+def test_differentiable_bops_equals_the_profile_of_the_compact_model(name):
+    model, gates, quantizers, graph, x, shape = _searching(name)
+    _random_choice(quantizers, gates)
+    model.eval()
+    out = model(x)
+    bops = differentiable_bops(model, graph, gates)
+    compact = freeze(model, x[:1]).eval()
+    assert float(bops.detach()) == pytest.approx(cost.profile(compact, shape).bops, rel=1e-6)
+    torch.testing.assert_close(compact(x), out, rtol=1e-4, atol=1e-4 * (1 + out.abs().max().item()))
+
+
+def test_gradients_reach_every_threshold_and_the_clamp_holds():
+    model, gates, quantizers, graph, x, shape = _searching("preact_resnet20")
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            gate.threshold.fill_(float(gate.scores().mean()))   # near the scores: a nonzero sigmoid slope
+    model.train()
+    model(x)
+    torch.log(torch.as_tensor(differentiable_bops(model, graph, gates))).backward()
+    ts = [q.gates.threshold for q in quantizers] + [g.threshold for g in gates.gates.values()]
+    assert all(t.grad is not None and bool((t.grad != 0).all()) for t in ts)
+    control = SearchControl(quantizers, gates, max_prune_ratio=0.25, group_size=2)
+    with torch.no_grad():
+        for t in ts:
+            t.fill_(5.0)
+        quantizers[0].gates.threshold.fill_(-3.0)
+    control.after_step(None)
+    assert float(quantizers[0].gates.threshold.min()) == 0.0
+    for gate in gates.gates.values():
+        assert float(gate.threshold) == pytest.approx(tau_max(gate, 0.25))
+        closed = int((gate.scores() <= gate.threshold).sum())
+        assert closed <= max(1, int(gate.size * 0.25 / 2))
+
+
+def test_sbs_runs_end_to_end_and_exports(tmp_path, capsys, one_thread):
+    args = ["method=sbs", "train.epochs=1", "sbs.search_epochs=1", "sbs.finetune_epochs=1", "sbs.group_size=2",
+            "sbs.threshold_lr=0.5", "train.progress=false"]
+    assert main(["run", *args, "--out", str(tmp_path / "run")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())["models"]}
+    assert {"sbs/searched", "sbs/compressed", "sbs/bits-only", "sbs/4bit"} <= set(rows)
+    c = rows["sbs/compressed"]
+    assert c["control"] == ["sbs/4bit", "sbs/bits-only"] and c["bops_ratio"] == pytest.approx(
+        rows["baseline"]["bops"] / c["bops"])
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--format", "safetensors"]) == 0
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    base = ["method=sbs", "train.epochs=1", "train.progress=false"]
+    for i, (extra, words) in enumerate([(["sbs.bits=[2,3]"], "2 does not divide 3"),
+                                        (["sbs.bits=[2,16]"], "1..8"),
+                                        (["sbs.bops_target=1.5"], "sbs.bops_target = 1.5"),
+                                        (["sbs.group_size=3"], "does not divide the 16 output channels of layer")]):
+        out = tmp_path / f"r{i}"
+        assert main(["run", *base, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not out.exists()
