@@ -85,3 +85,14 @@ def test_wrong_type_section():
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem and recipe.method
+
+
+def test_a_run_folder_from_an_older_version_still_resumes(tmp_path):
+    """recipe.yaml written before a field or section existed describes the same recipe."""
+    from tandem.recipes import dump_recipe, same_recipe
+    recipe = load_recipe(None, ["train.epochs=2"])
+    old = "\n".join(line for line in dump_recipe(recipe).splitlines()
+                    if not line.startswith(("  no_decay:", "pdd:", "sbs:")))
+    (tmp_path / "recipe.yaml").write_text(old)
+    assert same_recipe(tmp_path / "recipe.yaml", recipe)
+    assert not same_recipe(tmp_path / "recipe.yaml", load_recipe(None, ["train.epochs=3"]))

@@ -66,7 +66,7 @@ def _run_seeds(ns, recipe, recipe_path, overrides, seeds: list[int]) -> int:
     OUT keeps the recipe (seed aside) and seeds.json, so `--resume --out OUT` needs nothing else."""
     from .engine.checkpoint import atomic_write
     from .grid import run_folder
-    from .recipes import dump_recipe, load_recipe
+    from .recipes import dump_recipe, load_recipe, same_recipe
     from .runner import default_out_dir
     from .summary import summarize, summary_markdown, write_summary
 
@@ -77,7 +77,7 @@ def _run_seeds(ns, recipe, recipe_path, overrides, seeds: list[int]) -> int:
             raise TandemError(f"cannot resume: run folder {out} does not exist")
         if saved.exists() and not (out / "seeds.json").exists():
             raise TandemError(f"{out} holds one run, not runs over seeds; resume it without --seeds")
-        if saved.exists() and saved.read_text() != dump_recipe(recipe):
+        if saved.exists() and not same_recipe(saved, recipe):
             raise TandemError(f"{out} was run with a different recipe (changed overrides or file); "
                               f"resume with the same recipe and overrides, or none")
     elif out.exists() and any(out.iterdir()):

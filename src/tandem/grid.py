@@ -62,11 +62,11 @@ def _schedule(recipe, pruner: str) -> str:
 def run_folder(path: Path, recipe, log=print, what: str = "grid") -> dict:
     """Run (or resume) one folder; a finished one (results.json) is read, not run again
     (grid cells, and the seed folders of `tandem run --seeds`)."""
-    from .recipes import dump_recipe
+    from .recipes import same_recipe
     from .runner import run
 
     saved = path / "recipe.yaml"
-    if saved.exists() and saved.read_text() != dump_recipe(recipe):
+    if saved.exists() and not same_recipe(saved, recipe):
         raise TandemError(f"{what}: {path} was run with a different recipe (changed overrides or file); "
                           f"use another --out, or the same recipe and overrides to resume")
     done = path / "results.json"

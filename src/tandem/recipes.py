@@ -135,8 +135,9 @@ class Recipe(Section):
                     extra[key] = known[key].model_validate(value)
                 except ValidationError as exc:
                     raise RecipeError(" ".join(_format_error(exc, value, prefix=(key,)).split())) from None
-        for key in known:
-            extra.setdefault(key, None)
+        ordered = {key: extra.get(key) for key in known}   # one order, however the file listed them
+        extra.clear()
+        extra.update(ordered)
         return self
 
     @field_validator("model", mode="before")
@@ -283,6 +284,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     if recipe.name is None:
         recipe.name = Path(path).stem if path else "default"
     return recipe
+
+
+def same_recipe(saved: str | Path, recipe: Recipe) -> bool:
+    """Whether the recipe.yaml at `saved` describes `recipe`: both validated, so fields this
+    version added (with their defaults) do not make an older run folder look different."""
+    try:
+        return dump_recipe(load_recipe(saved)) == dump_recipe(recipe)
+    except RecipeError:
+        return False
 
 
 def dump_recipe(recipe: Recipe) -> str:
