@@ -127,3 +127,30 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
         assert not out.exists()
+
+
+def test_the_one_node_search_quantizer_has_the_decompositions_gradients():
+    """_SharedUnit (memory: one saved tensor) against the decomposition written out in autograd."""
+    from tandem.quant.bit_sharing import SBSWeight
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    fast = SBSWeight(8)
+    fast.start_search([2, 4, 8])
+    with torch.no_grad():
+        fast.gates.threshold.copy_(torch.tensor([0.01, 0.0005]))
+    ref = BitGates(2)
+    ref.load_state_dict(fast.gates.state_dict())
+    coeff = torch.randn_like(w)
+    for use_fast in (True, False):
+        wi = w.clone().requires_grad_(True)
+        z = fast._z(wi)
+        out = fast._quantize_unit(z) if use_fast else shared(z, [2, 4, 8], ref)
+        (out * coeff).sum().backward()
+        grads = (wi.grad.clone(), (fast.gates if use_fast else ref).threshold.grad.clone())
+        if use_fast:
+            first, value = grads, out.detach()
+        else:
+            torch.testing.assert_close(value, out.detach(), atol=1e-6, rtol=0)
+            torch.testing.assert_close(first[0], grads[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(first[1], grads[1], atol=1e-5, rtol=1e-4)
+    assert (first[1] != 0).all()

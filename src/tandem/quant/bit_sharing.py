@@ -15,12 +15,14 @@ width and drops the gates.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ..errors import TandemError
 from ..prune.gates import threshold_ste
-from .quantizers import PACTAct, WeightQuantizer, _ClipRound, round_ste
+from .quantizers import PACTAct, WeightQuantizer, round_ste
 
 
 def check_candidates(bits) -> list[int]:
@@ -75,12 +77,82 @@ def shared(z: torch.Tensor, bits: list[int], gates: BitGates | None, record: lis
     return out
 
 
+@torch.no_grad()
+def residual_steps(z: torch.Tensor, bits: list[int]) -> list[torch.Tensor]:
+    """s_j = Q_b(j+1)(r_j), r_j = z - (Q_b1(z) + s_1 + ... + s_(j-1)): the offsets of the
+    decomposition (no gradient)."""
+    q, steps = q_unit(z, bits[0]), []
+    for b in bits[1:]:
+        steps.append(q_unit(z - q, b))
+        q = q + steps[-1]
+    return steps
+
+
+@torch.no_grad()
+def residual_means(z: torch.Tensor, bits: list[int]) -> list[torch.Tensor]:
+    """mean|r_j| for each gate (under the straight-through round, r_j has no gradient to z)."""
+    q, means = q_unit(z, bits[0]), []
+    for b in bits[1:]:
+        r = z - q
+        means.append(r.abs().mean())
+        q = q + q_unit(r, b)
+    return means
+
+
+class _SharedUnit(torch.autograd.Function):
+    """The bit-sharing quantizer on z in [0, 1] as one autograd node, so a search step keeps one
+    tensor (z) per layer instead of every term of the decomposition: forward Q_b(z) at the
+    width the hard gates chose (bit for bit the frozen quantizer); backward the decomposition's
+    gradient under the straight-through round: identity to z, and <grad, s_k> to the cumulative
+    gate product P_k (the offsets s_k recomputed from z)."""
+
+    @staticmethod
+    def forward(ctx, z, products, bits, hard):
+        ctx.save_for_backward(z)
+        ctx.bits = bits
+        n = 2 ** hard - 1
+        return torch.round(z * n) / n
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        grad_p = torch.stack([(g * s).sum() for s in residual_steps(z, ctx.bits)])
+        return g, grad_p, None, None
+
+
+class _SharedAct(torch.autograd.Function):
+    """An input's bit-sharing quantizer as one node: forward PACT's grid at the hard width
+    (bit for bit the frozen SBSAct), backward PACT's gradients to x and alpha, and
+    alpha <grad, s_k> to the gate products (s_k from z = clip(x, 0, alpha) / alpha)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, products, bits, hard):
+        a = alpha.detach().abs().clamp_min(1e-8)
+        a_below = torch.nextafter(a, a.new_tensor(-math.inf))
+        if not x.is_cuda:
+            a, a_below = float(a), float(a_below)
+        c = torch.clamp(x, 0, a)
+        ctx.save_for_backward(c)
+        ctx.a, ctx.a_below, ctx.bits, ctx.shape = a, a_below, bits, alpha.shape
+        step = a / (2 ** hard - 1)
+        return torch.div(c, step).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx, g):
+        (c,) = ctx.saved_tensors
+        above = torch.where(c > ctx.a_below, g, 0)
+        passed = torch.where(c > 0, g, 0) - above
+        z = c / ctx.a
+        grad_p = torch.stack([(g * s).sum() for s in residual_steps(z, ctx.bits)]) * ctx.a
+        return passed, above.sum().reshape(ctx.shape), grad_p, None, None
+
+
 class _BitSharing:
     """What both sides share: candidate bits, gates, the hard choice, freezing. (No class-level
     `gates` default: it would hide the registered submodule from nn.Module's lookup.)"""
 
     def _init_sharing(self) -> None:
-        self.candidates, self.gates, self.products = None, None, []
+        self.candidates, self.gates, self.products, self.last_means = None, None, [], None
 
     def start_search(self, bits) -> None:
         self.candidates = check_candidates(bits)
@@ -102,34 +174,38 @@ class _BitSharing:
         """Search over: keep `bits`, drop the gates."""
         self.bits, self.candidates, self.gates, self.products = bits, None, None, []
 
+    def _gate_products(self, z: torch.Tensor) -> torch.Tensor:
+        """P_k = prod_{i<=k} g_i, g_i = 1[mean|r_i| > t_i] with the sigmoid gradient to t_i."""
+        keep, out = None, []
+        self.last_means = residual_means(z.detach(), self.candidates)   # what the bits were chosen from
+        for j, m in enumerate(self.last_means):
+            g = threshold_ste(m, self.gates.threshold[j])
+            keep = g if keep is None else keep * g
+            out.append(keep)
+        self.products = out
+        return torch.stack(out)
+
     def _hard_bits(self) -> int:
         """The width the hard gates chose in this forward pass (the products are 0 or 1)."""
         c = self.candidates
         return c[0] + sum(int(round(float(p.detach()))) * (c[j + 1] - c[j]) for j, p in enumerate(self.products))
 
     def _quantize_unit(self, z):
-        """In search: the value of the directly quantized z at the chosen width (bit for bit what
-        the frozen quantizer computes), the gradient of the decomposition (to z and the gates)."""
         if self.candidates is None:
             return q_unit(z, self.bits)
-        self.products = []
-        s = shared(z, self.candidates, self.gates, self.products)
-        return q_unit(z, self._hard_bits()).detach() + (s - s.detach())
+        products = self._gate_products(z)
+        return _SharedUnit.apply(z, products, self.candidates, self._hard_bits())
 
     @torch.no_grad()
-    def chosen_bits(self, residuals_of) -> int:
-        """The width the hard gates select: b_1 if g_1 = 0, b_2 if g_1 = 1 and g_2 = 0, ..."""
+    def chosen_bits(self, means) -> int:
+        """The width the hard gates select for residual means `means`: b_1 if g_1 = 0, b_2 if
+        g_1 = 1 and g_2 = 0, ..."""
         if self.candidates is None:
             return self.bits
-        z = residuals_of()
-        q = q_unit(z, self.candidates[0])
-        for j in range(1, len(self.candidates)):
-            r = z - q
-            if not bool(r.abs().mean() > self.gates.threshold[j - 1]):
-                return self.candidates[j - 1]
-            q = q + q_unit(r, self.candidates[j])
+        for j, m in enumerate(means):
+            if not bool(m > self.gates.threshold[j]):
+                return self.candidates[j]
         return self.candidates[-1]
-
 
 
 class SBSWeight(_BitSharing, WeightQuantizer):
@@ -166,7 +242,7 @@ class SBSWeight(_BitSharing, WeightQuantizer):
         return self.alpha.abs() * (2 * self._quantize_unit(self._z(w)) - 1)
 
     def selected(self, w) -> int:
-        return self.chosen_bits(lambda: self._z(w))
+        return self.chosen_bits(residual_means(self._z(w).detach(), self.candidates))
 
     @torch.no_grad()
     def affine(self, w):
@@ -188,7 +264,6 @@ class SBSAct(_BitSharing, PACTAct):
     def __init__(self, bits, signed="auto"):
         super().__init__(bits, signed, alpha=1.0)
         self._init_sharing()
-        self._last_z = None
 
     def start_search(self, bits) -> None:
         if self.signed:
@@ -202,17 +277,15 @@ class SBSAct(_BitSharing, PACTAct):
     def quantize(self, x):
         if self.candidates is None:
             return super().quantize(x)
-        z = self._z(x)
-        self._last_z = z.detach()
-        self.products = []
-        s = self.alpha.abs() * shared(z, self.candidates, self.gates, self.products)
-        direct = _ClipRound.apply(x, self.alpha, 2 ** self._hard_bits() - 1, False)   # the frozen forward
-        return direct.detach() + (s - s.detach())
+        z = self._z(x).detach()
+        products = self._gate_products(z)
+        return _SharedAct.apply(x, self.alpha, products, self.candidates, self._hard_bits())
 
     def selected(self) -> int:
-        if self._last_z is None:
-            raise TandemError("an activation's bits are chosen from the last batch it saw; run a forward pass first")
-        return self.chosen_bits(lambda: self._last_z)
+        """The width chosen on the last batch this quantizer saw (its residual means)."""
+        if getattr(self, "last_means", None) is None:
+            raise TandemError("an input's bits are chosen from the last batch it saw; run a forward pass first")
+        return self.chosen_bits(self.last_means)
 
 
 def search_(model: nn.Module, bits) -> list:
