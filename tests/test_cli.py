@@ -101,3 +101,25 @@ def test_profile_table_and_list(capsys):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
     assert "resnet56" in listed and "digits" in listed and "baseline" in listed
+
+
+def test_resume_refuses_changed_settings_and_wall_time_sums_invocations(tmp_path, capsys):
+    import os
+    import stat
+    out = tmp_path / "run"
+    args = ["method=baseline", "train.epochs=1", "train.progress=false"]
+    assert main(["run", *args, "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    recipe_before = (out / "recipe.yaml").read_text()
+    assert main(["run", "--resume", "--out", str(out), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.epochs" in err and "new run" in err
+    assert (out / "recipe.yaml").read_text() == recipe_before                    # nothing rewritten
+    assert main(["run", "--resume", "--out", str(out)]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["invocations"] == 2 and first["invocations"] == 1
+    assert second["wall_time_s"] > first["wall_time_s"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("recipe.yaml", "results.json", "report.md", "models/baseline.safetensors"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name

@@ -286,6 +286,25 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     return recipe
 
 
+def changed_keys(saved: str | Path, recipe: Recipe) -> list[str]:
+    """The dotted keys whose values differ between the recipe.yaml at `saved` and `recipe`
+    (both validated, so fields added since the file was written do not count)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    try:
+        a = flat(load_recipe(saved).model_dump(mode="json"))
+    except RecipeError:
+        return ["(the saved recipe no longer validates)"]
+    b = flat(recipe.model_dump(mode="json"))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def same_recipe(saved: str | Path, recipe: Recipe) -> bool:
     """Whether the recipe.yaml at `saved` describes `recipe`: both validated, so fields this
     version added (with their defaults) do not make an older run folder look different."""

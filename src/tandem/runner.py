@@ -23,7 +23,7 @@ from .engine.checkpoint import (atomic_write, load_checkpoint, load_state, read_
                                 save_model)
 from .errors import TandemError
 from .provenance import git_commit, machine
-from .recipes import Recipe, dump_recipe
+from .recipes import Recipe, changed_keys, dump_recipe
 
 
 class RunContext:
@@ -169,6 +169,16 @@ def _augment_hint(dataset: str) -> str:
     return f"turn it on with {' / '.join(names)}, or leave augment unset"
 
 
+def _record_invocation(out_dir: Path, seconds: float) -> dict:
+    """Add one invocation's wall time to OUT/invocations.json; returns the totals."""
+    path = out_dir / "invocations.json"
+    totals = json.loads(path.read_text()) if path.exists() else {"wall_time_s": 0.0, "invocations": 0}
+    totals = {"wall_time_s": totals["wall_time_s"] + seconds, "invocations": totals["invocations"] + 1}
+    if out_dir.exists():
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(totals)))
+    return totals
+
+
 def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -189,18 +199,28 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
                           f"or choose another --out")
     if resume and not out_dir.exists():
         raise TandemError(f"cannot resume: run folder {out_dir} does not exist")
+    if resume and (out_dir / "recipe.yaml").exists():
+        differ = changed_keys(out_dir / "recipe.yaml", recipe)
+        if differ:
+            raise TandemError(f"--resume continues the recorded recipe; these keys differ from {out_dir}/recipe.yaml: "
+                              f"{', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} (to change them, start a "
+                              f"new run with another --out)")
     start = time.perf_counter()
     ctx = RunContext(recipe, out_dir, resume=resume)   # loads data before anything is written
     preflight(ctx, steps)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
-    for method in steps:
-        method(ctx)
+    try:
+        for method in steps:
+            method(ctx)
+    finally:   # this invocation's time counts even when it stops (a SIGKILL loses it)
+        before = _record_invocation(out_dir, time.perf_counter() - start) if dist_info.is_main else {}
     results = {"recipe": recipe.model_dump(mode="json"), "protocol": recipe.protocol,
                "methods": recipe.methods,
                "models": ctx.results, "commit": git_commit(), "machine": machine(),
-               "wall_time_s": time.perf_counter() - start, "device": str(ctx.device),
+               "wall_time_s": before.get("wall_time_s", time.perf_counter() - start),
+               "invocations": before.get("invocations", 1), "device": str(ctx.device),
                "world_size": dist_info.world_size,
                "train_images": len(ctx.data.train), "val_images": len(ctx.data.val),
                "test_images": len(ctx.data.test)}   # report.md derives the standard error from it

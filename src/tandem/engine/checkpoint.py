@@ -22,6 +22,15 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)`, then rename over `path`: readers see the old file or the new one."""
     path = Path(path)
@@ -30,6 +39,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; others may read results on a shared disk
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
