@@ -45,6 +45,30 @@ def median_ratio(times: dict[str, list[float]], ref: str, name: str) -> float:
     return statistics.median(round_ratios(times, ref, name))
 
 
+def step_args(doc: str, rounds: int = 9, extra: Callable | None = None):
+    """The step benchmarks' command line: --rounds, --steps (per timing), --batch-size, --threads
+    (set here); `extra(parser)` adds a script's own options."""
+    import argparse
+    import torch
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--steps", type=int, default=2, help="steps per timing")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    if extra is not None:
+        extra(p)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    return a
+
+
+def cifar_batch(batch_size: int):
+    """A seeded random CIFAR-sized batch (inputs 3x32x32, 10 classes)."""
+    import torch
+    torch.manual_seed(0)
+    return torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+
+
 def step_trainer(nets: dict, objective, cfg, frozen: dict | None = None):
     """tandem's Trainer, ready for `_simultaneous_step` calls outside fit() (schedulers built, train mode)."""
     from tandem.engine import Trainer

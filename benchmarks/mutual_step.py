@@ -11,11 +11,7 @@ the result is the ratio of the medians (and, for reference, the median of per-ro
 """
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from common import compare_steps, step_trainer, write_result
+from common import cifar_batch, compare_steps, step_args, step_trainer, write_result
 from tandem.distill.spec import MutualSpec
 from tandem.engine import cross_entropy_objective
 from tandem.distill.objectives import dml_objective
@@ -28,15 +24,8 @@ TARGET = 2.2
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--steps", type=int, default=2, help="steps per timing")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    x, y = torch.randn(a.batch_size, 3, 32, 32), torch.randint(0, 10, (a.batch_size,))
+    a = step_args(__doc__, rounds=9)
+    x, y = cifar_batch(a.batch_size)
     cfg = TrainSpec(epochs=1, batch_size=a.batch_size, lr=0.01, amp=False, progress=False)
     fp = create_model("resnet20", num_classes=10)
     pruned = prune(fp, x[:1], "l1", macs_target=0.5)

@@ -9,11 +9,7 @@ times both, in rotating order); the result is the ratio of the medians.
 """
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from common import compare_steps, step_trainer, write_result
+from common import cifar_batch, compare_steps, step_args, step_trainer, write_result
 from tandem.methods.pdd import PddSpec, pdd_objective
 from tandem.models import create_model
 from tandem.prune.gates import gate_
@@ -23,15 +19,8 @@ TARGET = 1.15
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--steps", type=int, default=2, help="steps per timing")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    x, y = torch.randn(a.batch_size, 3, 32, 32), torch.randint(0, 10, (a.batch_size,))
+    a = step_args(__doc__, rounds=9)
+    x, y = cifar_batch(a.batch_size)
     cfg = TrainSpec(epochs=1, batch_size=a.batch_size, lr=0.01, amp=False, progress=False)
     teacher = create_model("resnet56")
     plain, gated = create_model("resnet20"), create_model("resnet20")

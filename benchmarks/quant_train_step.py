@@ -9,13 +9,12 @@ same round), so a slow patch of a shared machine hits both sides.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from common import interleaved_times, median_ratio, round_ratios, write_result
+from common import cifar_batch, interleaved_times, median_ratio, round_ratios, step_args, write_result
 from tandem.models import create_model
 from tandem.quant import calibrate, quantize_
 
@@ -41,14 +40,8 @@ def step(net, opt, x, y):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=2, help="steps per timing")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    x, y = torch.randn(a.batch_size, 3, 32, 32), torch.randint(0, 10, (a.batch_size,))
+    a = step_args(__doc__, rounds=7)
+    x, y = cifar_batch(a.batch_size)
     configs = ["fp"] + QUANTIZERS
     nets = {c: build(c, x) for c in configs}
     for c in configs:                                   # warm-up

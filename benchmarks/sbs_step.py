@@ -12,14 +12,13 @@ BOPs), the threshold callback. LSQ step = W4A4 LSQ (first/last 8-bit min-max) wi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 
 import torch
 
-from common import compare_steps, step_trainer, write_result
+from common import cifar_batch, compare_steps, step_args, step_trainer, write_result
 
 TARGETS = {"time": 1.6, "memory": 1.5}
 
@@ -39,7 +38,6 @@ def _rss_kb() -> int:
 
 
 def build(kind: str, x, y):
-    from types import SimpleNamespace
     from tandem.engine import cross_entropy_objective
     from tandem.methods.sbs import SbsSpec, SearchControl, attach_kept, channel_groups, sbs_objective
     from tandem.models import create_model
@@ -64,14 +62,13 @@ def build(kind: str, x, y):
     from tandem import cost
     fp = cost.profile(create_model("preact_resnet20"), (3, 32, 32)).bops
     t = step_trainer({"net": model}, sbs_objective(spec, model, graph, gates, fp), cfg)
-    t.callbacks = [SearchControl(quantizers, gates, spec.max_prune_ratio, spec.group_size)]
+    t.callbacks = [SearchControl(quantizers, gates, spec.max_prune_ratio)]
     return t
 
 
 def child(kind: str, steps: int, batch: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    x, y = cifar_batch(batch)
     before = _rss_kb()
     t = build(kind, x, y)
     for _ in range(steps):
@@ -81,18 +78,10 @@ def child(kind: str, steps: int, batch: int, threads: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--child", choices=["sbs", "lsq"])
-    a = p.parse_args()
+    a = step_args(__doc__, rounds=7, extra=lambda p: p.add_argument("--child", choices=["sbs", "lsq"]))
     if a.child:
         return child(a.child, a.steps, a.batch_size, a.threads)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    x, y = torch.randn(a.batch_size, 3, 32, 32), torch.randint(0, 10, (a.batch_size,))
+    x, y = cifar_batch(a.batch_size)
     result = compare_steps({"lsq": build("lsq", x, y), "sbs": build("sbs", x, y)}, x, y, a.rounds, a.steps,
                            ref="lsq", name="sbs")
     memory = {}

@@ -32,3 +32,19 @@ from hypothesis import settings as _hyp_settings  # noqa: E402
 _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
+
+
+@pytest.fixture
+def refused(tmp_path, capsys):
+    """refused(base, [(extra args, words), ...]): each `tandem run` exits 2 with one line of
+    stderr containing `words` and leaves no run folder."""
+    from tandem.cli import main
+
+    def check(base: list[str], cases: list[tuple[list[str], str]]) -> None:
+        for i, (extra, words) in enumerate(cases):
+            out = tmp_path / f"refused{i}"
+            assert main(["run", *base, *extra, "--out", str(out)]) == 2, extra
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and words in err, err
+            assert not out.exists(), extra
+    return check

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from types import SimpleNamespace
 
 from tandem.data import BatchLoader, load_dataset
 from tandem.engine import Trainer, TrainingDiverged, cross_entropy_objective, evaluate, lr_factor

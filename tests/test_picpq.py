@@ -113,13 +113,8 @@ def test_picpq_runs_end_to_end_with_controls_and_a_per_layer_report(tmp_path, ca
     assert "### picpq/quantized: per layer" in report and "sparsity" in report
 
 
-def test_bad_input_is_one_line_exit_2_no_folder(tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_no_folder(refused):
     cases = [(["picpq.prune_away=1.0"], "picpq.prune_away = 1.0"), (["picpq.prune_away=0"], "picpq.prune_away = 0"),
              (["picpq.penalty=0"], "picpq.penalty = 0"),
              (["picpq.max_bits=[32,8]"], "picpq.max_bits has 2 entries; the model has 4 conv/linear layers")]
-    for i, (extra, words) in enumerate(cases):
-        out = tmp_path / f"run{i}"
-        assert main(["run", *TINY, *extra, "--out", str(out)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and words in err, err
-        assert not out.exists()
+    refused(TINY, cases)

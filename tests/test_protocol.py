@@ -2,7 +2,6 @@
 seed, and an augmentation that cannot happen is refused rather than ignored."""
 import torch
 
-from tandem.cli import main
 from tandem.recipes import load_recipe
 from tandem.runner import RunContext
 
@@ -15,9 +14,5 @@ def test_validation_split_is_fixed_across_run_seeds_and_moves_with_split_seed(tm
     assert not torch.equal(a.images, c.images)
 
 
-def test_augment_true_without_augmentation_is_refused_before_any_file(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["run", "dataset.augment=true", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "dataset.augment = true" in err and "digits" in err
-    assert not out.exists()
+def test_augment_true_without_augmentation_is_refused_before_any_file(refused):
+    refused([], [(["dataset.augment=true"], "dataset.augment = true, but digits")])

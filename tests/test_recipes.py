@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,12 @@ def test_a_run_folder_from_an_older_version_still_resumes(tmp_path):
     (tmp_path / "recipe.yaml").write_text(old)
     assert same_recipe(tmp_path / "recipe.yaml", recipe)
     assert not same_recipe(tmp_path / "recipe.yaml", load_recipe(None, ["train.epochs=3"]))
+
+
+@pytest.mark.parametrize("key, value", [("pdd.milestones", "[0]"), ("pdd.finetune_milestones", "[0.5,1]"),
+                                        ("picpq.milestones", "[2]"), ("sbs.finetune_milestones", "[0.5,1.5]")])
+def test_stage_milestones_must_be_fractions_of_the_stage(key, value):
+    method = key.split(".")[0]
+    with pytest.raises(RecipeError, match=rf"{re.escape(key)} = .*fractions of the stage's epochs, each in \(0, 1\)"):
+        load_recipe(None, [f"method={method}", f"{key}={value}"])
+    load_recipe(None, [f"method={method}", f"{key}=[0.5]"])   # a fraction is accepted

@@ -21,15 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_decomposition_equals_direct_quantization_for_every_gate_setting():
-    z = torch.rand(4000)
-    gates = BitGates(2)
+    # exact in real arithmetic; float32 sums of the terms fall one step off for about 1 z in
+    # 10^5 (a residual next to a rounding midpoint), so the written-out sum is checked in float64
+    z = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gates = BitGates(2).double()
     for g1, g2, want in ((0, 0, 2), (0, 1, 2), (1, 0, 4), (1, 1, 8)):
         # a threshold above every residual closes a gate, a negative one opens it
         with torch.no_grad():
             gates.threshold.copy_(torch.tensor([-1.0 if g1 else 10.0, -1.0 if g2 else 10.0]))
-        torch.testing.assert_close(shared(z, [2, 4, 8], gates), q_unit(z, want), atol=1e-6, rtol=0)
-    torch.testing.assert_close(shared(z, [2, 4, 8], None), q_unit(z, 8), atol=1e-6, rtol=0)   # all open = 8 bit
-    torch.testing.assert_close(shared(z, [1, 2, 4, 8], None), q_unit(z, 8), atol=1e-6, rtol=0)
+        torch.testing.assert_close(shared(z, [2, 4, 8], gates), q_unit(z, want), atol=1e-12, rtol=0)
+    torch.testing.assert_close(shared(z, [2, 4, 8], None), q_unit(z, 8), atol=1e-12, rtol=0)   # all open = 8 bit
+    torch.testing.assert_close(shared(z, [1, 2, 4, 8], None), q_unit(z, 8), atol=1e-12, rtol=0)
 
 
 def test_candidate_lists_that_do_not_nest_are_refused():
@@ -90,7 +92,7 @@ def test_gradients_reach_every_threshold_and_the_clamp_holds():
     torch.log(torch.as_tensor(differentiable_bops(model, graph, gates))).backward()
     ts = [q.gates.threshold for q in quantizers] + [g.threshold for g in gates.gates.values()]
     assert all(t.grad is not None and bool((t.grad != 0).all()) for t in ts)
-    control = SearchControl(quantizers, gates, max_prune_ratio=0.25, group_size=2)
+    control = SearchControl(quantizers, gates, max_prune_ratio=0.25)
     with torch.no_grad():
         for t in ts:
             t.fill_(5.0)
@@ -116,17 +118,11 @@ def test_sbs_runs_end_to_end_and_exports(tmp_path, capsys, one_thread):
     assert main(["export", str(tmp_path / "run"), "--format", "safetensors"]) == 0
 
 
-def test_bad_input_one_line_exit_2(tmp_path, capsys):
-    base = ["method=sbs", "train.epochs=1", "train.progress=false"]
-    for i, (extra, words) in enumerate([(["sbs.bits=[2,3]"], "2 does not divide 3"),
-                                        (["sbs.bits=[2,16]"], "1..8"),
-                                        (["sbs.bops_target=1.5"], "sbs.bops_target = 1.5"),
-                                        (["sbs.group_size=3"], "does not divide the 16 output channels of layer")]):
-        out = tmp_path / f"r{i}"
-        assert main(["run", *base, *extra, "--out", str(out)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and words in err, err
-        assert not out.exists()
+def test_bad_input_one_line_exit_2(refused):
+    refused(["method=sbs", "train.epochs=1", "train.progress=false"],
+            [(["sbs.bits=[2,3]"], "2 does not divide 3"), (["sbs.bits=[2,16]"], "1..8"),
+             (["sbs.bops_target=1.5"], "sbs.bops_target = 1.5"),
+             (["sbs.group_size=3"], "does not divide the 16 output channels of layer")])
 
 
 def test_the_one_node_search_quantizer_has_the_decompositions_gradients():

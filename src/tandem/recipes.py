@@ -7,24 +7,43 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, one_of
 from .prune.spec import PruneSpec
+
+
+def _stage_fractions(v: list[float]) -> list[float]:
+    if any(not 0 < m < 1 for m in v):
+        raise ValueError("milestones are fractions of the stage's epochs, each in (0, 1)")
+    return v
+
+
+# a method stage's lr milestones, as fractions of its epochs (TrainSpec.multistep)
+StageMilestones = Annotated[list[float], AfterValidator(_stage_fractions)]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSpec(Section):
+class Named(Section):
+    """A section that may be given as its name alone (`model: resnet20`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+class ArchSpec(Named):
+    """A registered model: its name, widths and options (the model section, a teacher)."""
     name: str = "small_cnn"
     widths: Optional[list[int]] = None
     options: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Optional[str] = None   # a pretrained model file (*.safetensors) to start from
 
     @field_validator("name")
     @classmethod
@@ -33,7 +52,11 @@ class ModelSpec(Section):
         return one_of(v, list_models(), "model")
 
 
-class DatasetSpec(Section):
+class ModelSpec(ArchSpec):
+    checkpoint: Optional[str] = None   # a pretrained model file (*.safetensors) to start from
+
+
+class DatasetSpec(Named):
     name: str = "digits"
     root: Optional[str] = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -79,6 +102,14 @@ class TrainSpec(Section):
     def for_stage(self, epochs: Optional[int] = None, lr: Optional[float] = None) -> "TrainSpec":
         """This schedule with a stage's own epochs / lr where the method's section gives them."""
         return self.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
+
+    def multistep(self, epochs: int, lr: float, milestones: list[float], gamma: float = 0.1,
+                  **update) -> "TrainSpec":
+        """A stage's own step schedule (methods' fine-tunes): `milestones` are fractions of
+        `epochs`, no warm-up; `update` sets other fields (weight_decay, nesterov, ...)."""
+        return self.model_copy(update={"epochs": epochs, "lr": lr, "schedule": "multistep", "gamma": gamma,
+                                       "milestones": [m * epochs for m in milestones], "warmup_epochs": 0.0,
+                                       **update})
 
     @model_validator(mode="after")
     def _milestones_in_range(self):
@@ -139,16 +170,6 @@ class Recipe(Section):
         extra.clear()
         extra.update(ordered)
         return self
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_shorthand(cls, v):
-        return {"name": v} if isinstance(v, str) else v
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _dataset_shorthand(cls, v):
-        return {"name": v} if isinstance(v, str) else v
 
     @field_validator("method")
     @classmethod

@@ -48,6 +48,10 @@ class Registry:
             raise self.error(f"unknown {self.what} {name!r}; allowed: {', '.join(self.names())}")
         return self._items[key]
 
+    def find(self, name: str) -> Any:
+        """The object registered under ``name``, or None."""
+        return self._items.get(self.canonical(name))
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

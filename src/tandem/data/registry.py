@@ -52,7 +52,7 @@ def register_dataset(name: str) -> Callable[[Callable[..., SourceData]], Callabl
         for opt, default in options.items():
             if default is inspect.Parameter.empty:
                 raise TypeError(f"dataset loader {fn.__name__}: option {opt} needs a default")
-        old = DATASETS._items.get(key)
+        old = DATASETS.find(key)
         if old is not None and old.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"dataset {key!r} is already registered (by {old.fn.__module__}.{old.fn.__qualname__})")
         doc = inspect.getdoc(fn) or ""

@@ -3,6 +3,8 @@ sections they own (a method registers its section's pydantic model; recipes.py h
 them)."""
 from __future__ import annotations
 
+import torch
+
 from ..registry import Registry
 
 METHODS = Registry("method")
@@ -21,6 +23,25 @@ def preflight(ctx, methods) -> None:
         check = getattr(method, "preflight", None)
         if check is not None:
             check(ctx)
+
+
+def best_val(best: dict, name: str) -> float | None:
+    """A net's best validation top-1 from `train_stage`'s result; None when the stage trained no
+    epoch or had no validation split (`ctx.record` then measures it)."""
+    v = best[name]["val_top1"]
+    return v if v is not None and v >= 0 else None
+
+
+def traced_graph(ctx, method: str, what: str = "the model"):
+    """The recipe's model, built and traced by the channel graph; a model it cannot trace is
+    one line naming the method and the model (preflight of the methods that prune)."""
+    from ..prune import ChannelGraph
+    from ..errors import TandemError
+    model = ctx.create_model().to(ctx.device)
+    try:
+        return ChannelGraph(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
+    except TandemError as exc:
+        raise TandemError(f"{method}: {what} {ctx.recipe.model.name!r}: {exc}") from None
 
 
 def register_section(name: str, spec) -> None:

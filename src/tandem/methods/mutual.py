@@ -30,7 +30,7 @@ from ..errors import RecipeError
 from ..prune import PruneSpec
 from ..prune.spec import default_scope
 from ..quant import QuantSpec
-from . import register_method, register_section
+from . import best_val, register_method, register_section
 from .prune import PrunedNet, build_pruned
 from .quantize import build_quantized
 
@@ -111,18 +111,15 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
 
 
 def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> None:
-    def val(name):
-        v = best[name]["val_top1"]
-        return v if v is not None and v >= 0 else None
     def control(peer):   # mutual's rows name their control when it runs too
         return f"independent/{peer}" if method == "mutual" and "independent" in ctx.recipe.methods else None
     p_net = p.finish(best["pruned"]["epoch"])
     # soft: the removal changes the network (BN shifts of removed channels), so measure val again
-    row = ctx.record(f"{method}/pruned", p_net, None if p.pruner is not None else val("pruned"),
+    row = ctx.record(f"{method}/pruned", p_net, None if p.pruner is not None else best_val(best, "pruned"),
                      stage=f"{method}-joint", control=control("pruned"))
     if p.unstructured:
         row["nonzero_macs"] = cost.profile(p_net, ctx.input_size).nonzero_macs
-    ctx.record(f"{method}/quantized", q, val("quantized"), stage=f"{method}-joint", control=control("quantized"))
+    ctx.record(f"{method}/quantized", q, best_val(best, "quantized"), stage=f"{method}-joint", control=control("quantized"))
 
 
 @register_method("mutual")

@@ -22,7 +22,7 @@ student.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -31,25 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import cost
 from ..distill.losses import hinton_kd
-from ..errors import CheckpointError, RecipeError, TandemError, one_of
-from ..prune import ChannelGraph, ChannelPruner
+from ..errors import CheckpointError, RecipeError, TandemError
+from ..prune import ChannelPruner
 from ..prune.gates import gate_, gates_of, remove_closed
-from . import register_method, register_section
-
-
-class TeacherSpec(BaseModel):
-    """A registered model (with widths and options, as `model:`), trained here unless
-    `pdd.teacher_checkpoint` is given."""
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    widths: Optional[list[int]] = None
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v):
-        from ..models import list_models
-        return one_of(v, list_models(), "model")
+from ..recipes import ArchSpec, StageMilestones
+from . import best_val, register_method, register_section, traced_graph
 
 
 class PddSpec(BaseModel):
@@ -57,7 +43,7 @@ class PddSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # None: the recipe's own model trained as the baseline (or model.checkpoint) teaches
-    teacher: Optional[TeacherSpec] = None
+    teacher: Optional[ArchSpec] = None   # a registered model, as `model:`; trained here
     teacher_checkpoint: Optional[str] = None        # a model file: the teacher, not trained here
     student_init: Literal["scratch", "pretrained"] = "scratch"   # [UNKNOWN]; pretrained: the baseline's weights
     alpha: float = Field(0.6, ge=0, le=1)           # weight of CE; 1 - alpha weighs the KD term
@@ -68,32 +54,20 @@ class PddSpec(BaseModel):
     batch_size: Optional[int] = Field(None, ge=1)   # of both PDD stages (None: train.batch_size; paper 256)
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(5e-3, ge=0)         # on weights and gates alike, as the code
-    milestones: list[float] = Field(default_factory=lambda: [0.4, 0.8])   # fractions of epochs (20, 40 of 50)
+    milestones: StageMilestones = Field(default_factory=lambda: [0.4, 0.8])   # fractions of epochs (20, 40 of 50)
     finetune_epochs: int = Field(150, ge=0)
     finetune_lr: float = Field(0.01, gt=0)
-    finetune_milestones: list[float] = Field(default_factory=lambda: [1 / 3, 2 / 3])   # 50, 100 of 150
+    finetune_milestones: StageMilestones = Field(default_factory=lambda: [1 / 3, 2 / 3])   # 50, 100 of 150
     inherit: Literal["kept", "reinit"] = "kept"     # reinit: BN, biases and FC re-initialised, as the code
     macs_target: Optional[float] = None             # beyond the paper: a budget, fraction of the student's MACs
     macs_weight: Optional[float] = Field(None, gt=0)   # its penalty's weight (default 1.0)
     controls: list[Literal["student", "kd", "l1"]] = Field(default_factory=lambda: ["student", "kd", "l1"])
-
-    @field_validator("teacher", mode="before")
-    @classmethod
-    def _shorthand(cls, v):
-        return {"name": v} if isinstance(v, str) else v
 
     @field_validator("macs_target")
     @classmethod
     def _macs(cls, v):
         if v is not None and not 0 < v <= 1:
             raise ValueError("macs_target is the fraction of the student's MACs that remain; allowed range (0, 1]")
-        return v
-
-    @field_validator("milestones", "finetune_milestones")
-    @classmethod
-    def _fractions(cls, v):
-        if any(not 0 < m < 1 for m in v):
-            raise ValueError("milestones are fractions of the stage's epochs, each in (0, 1)")
         return v
 
     @model_validator(mode="after")
@@ -117,10 +91,9 @@ def pdd_spec(ctx) -> PddSpec:
     return ctx.recipe.pdd or PddSpec()
 
 
-def _schedule(ctx, epochs, lr, weight_decay, milestones):
-    return ctx.recipe.train.model_copy(update={
-        "batch_size": pdd_spec(ctx).batch_size or ctx.recipe.train.batch_size, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "schedule": "multistep",
-        "milestones": [m * epochs for m in milestones], "gamma": 0.1, "warmup_epochs": 0.0})
+def _schedule(ctx, spec: PddSpec, epochs: int, lr: float, milestones: list[float]):
+    return ctx.recipe.train.multistep(epochs, lr, milestones, weight_decay=spec.weight_decay,
+                                      batch_size=spec.batch_size or ctx.recipe.train.batch_size)
 
 
 def _example(ctx):
@@ -130,11 +103,7 @@ def _example(ctx):
 def _preflight(ctx) -> None:
     """Before the run folder is written: the student must be prunable, the teacher file must fit the data."""
     spec = pdd_spec(ctx)
-    student = ctx.create_model()
-    try:
-        ChannelGraph(student.to(ctx.device), _example(ctx))
-    except TandemError as exc:
-        raise TandemError(f"pdd: the student model {ctx.recipe.model.name!r}: {exc}") from None
+    traced_graph(ctx, "pdd", "the student model")
     if spec.teacher_checkpoint:
         from ..engine.checkpoint import read_model_file
         try:
@@ -172,11 +141,11 @@ def _teacher(ctx, spec: PddSpec) -> nn.Module | None:
     return net
 
 
-def pdd_objective(spec: PddSpec, gated: str, full_macs: float | None = None):
+def pdd_objective(spec: PddSpec, gated: str, gates=None, full_macs: float | None = None):
     """PDD's loss for the gated student and the unmasked twin (`kd`): alpha CE + (1 - alpha)
     T² KL(teacher || student) (kd_mode hinton) or alpha CE (ce_only: the released code's
     effective loss); plain CE for the student trained alone; with macs_target, the gated
-    student also gets macs_weight * max(0, log(MACs / (macs_target * full_macs)))."""
+    student (its `gates`) also gets macs_weight * max(0, log(MACs / (macs_target * full_macs)))."""
     def objective(outputs, y, x):
         losses = {}
         for name, z in outputs.items():
@@ -191,11 +160,10 @@ def pdd_objective(spec: PddSpec, gated: str, full_macs: float | None = None):
             else:
                 losses[f"ce/{name}"] = spec.alpha * F.cross_entropy(z.float(), y)
         if spec.macs_target is not None:
-            macs = objective.gates.macs()
+            macs = gates.macs()
             over = torch.log(macs / (spec.macs_target * full_macs))
             losses[f"macs/{gated}"] = (spec.macs_weight or 1.0) * over.clamp_min(0)
         return losses
-    objective.gates = None
     return objective
 
 
@@ -238,11 +206,6 @@ def _reductions(row: dict, student: dict) -> dict:
     return row
 
 
-def _val(best, name):
-    v = best[name]["val_top1"]
-    return v if v is not None and v >= 0 else None
-
-
 @register_method("pdd")
 def pdd(ctx) -> None:
     spec = pdd_spec(ctx)
@@ -262,13 +225,11 @@ def pdd(ctx) -> None:
         nets["kd"] = copy.deepcopy(start)
     if "student" in spec.controls:
         nets["student"] = copy.deepcopy(start)
-    objective = pdd_objective(spec, "pdd", full["macs"])
-    objective.gates = gates
-    distill = _schedule(ctx, spec.epochs, spec.lr, spec.weight_decay, spec.milestones)
-    best = ctx.train_stage("pdd-distill", nets, objective, cfg=distill, callbacks=[GateLog(gates, full["macs"])],
+    objective = pdd_objective(spec, "pdd", gates, full["macs"])
+    best = ctx.train_stage("pdd-distill", nets, objective, cfg=_schedule(ctx, spec, spec.epochs, spec.lr, spec.milestones), callbacks=[GateLog(gates, full["macs"])],
                            frozen={"teacher": teacher} if teacher is not None else None)
     if "kd" in spec.controls:
-        _reductions(ctx.record("pdd/kd", nets["kd"], _val(best, "kd"), stage="pdd-distill"), full)
+        _reductions(ctx.record("pdd/kd", nets["kd"], best_val(best, "kd"), stage="pdd-distill"), full)
 
     # 2. the best epoch's closed gates removed; the L1 control: the distilled twin pruned to the
     #    same widths (so the same MACs), its channels chosen by filter L1 norm instead of by gates
@@ -282,19 +243,19 @@ def pdd(ctx) -> None:
     if "student" in spec.controls:
         finetune_nets["student"] = nets["student"]
     best = ctx.train_stage("pdd-finetune", finetune_nets, cfg=_schedule(
-        ctx, spec.finetune_epochs, spec.finetune_lr, spec.weight_decay, spec.finetune_milestones)) \
+        ctx, spec, spec.finetune_epochs, spec.finetune_lr, spec.finetune_milestones)) \
         if spec.finetune_epochs else {n: {"val_top1": None} for n in finetune_nets}
 
-    row = _reductions(ctx.record("pdd/pruned", pruned, _val(best, "pruned"), stage="pdd-finetune",
+    row = _reductions(ctx.record("pdd/pruned", pruned, best_val(best, "pruned"), stage="pdd-finetune",
                                  control="pdd/l1-control" if "l1" in spec.controls else None), full)
     row["kept"] = gates_of(gated).kept()
     if spec.macs_target is not None:
         row["macs_target"] = spec.macs_target
     if "l1" in spec.controls:
-        _reductions(ctx.record("pdd/l1-control", finetune_nets["l1-control"], _val(best, "l1-control"),
+        _reductions(ctx.record("pdd/l1-control", finetune_nets["l1-control"], best_val(best, "l1-control"),
                                stage="pdd-finetune"), full)
     if "student" in spec.controls:
-        _reductions(ctx.record("pdd/student", nets["student"], _val(best, "student"), stage="pdd-finetune"), full)
+        _reductions(ctx.record("pdd/student", nets["student"], best_val(best, "student"), stage="pdd-finetune"), full)
 
 
 pdd.preflight = _preflight

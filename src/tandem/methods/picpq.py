@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 from fnmatch import fnmatchcase
 from typing import Literal, Optional, Union
 
@@ -47,12 +48,13 @@ from .. import cost
 from ..engine import Trainer, cross_entropy_objective, evaluate
 from ..engine.checkpoint import atomic_write
 from ..engine.distributed import on_rank0
-from ..errors import RecipeError, TandemError
+from ..errors import RecipeError
 from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
 from ..prune.criteria import HRank
 from ..quant import calibrate, quantize_
 from ..search.evolution import regularized_evolution
-from . import register_method, register_section
+from ..recipes import StageMilestones
+from . import best_val, register_method, register_section, traced_graph
 
 
 class PicpqSpec(BaseModel):
@@ -71,7 +73,7 @@ class PicpqSpec(BaseModel):
     finetune_epochs: int = Field(400, ge=0)
     finetune_lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
-    milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])   # fractions of each stage
+    milestones: StageMilestones = Field(default_factory=lambda: [0.3, 0.6, 0.8])   # fractions of each stage
     gamma: float = Field(0.2, gt=0, le=1)
     penalty: float = 1 / 6                   # lambda of the bit rule
     min_bits: int = Field(2, ge=1, le=8)     # [INFER] guard
@@ -100,13 +102,6 @@ class PicpqSpec(BaseModel):
     def _two(cls, v):
         if len(v) != 2 or min(v) < 0:
             raise ValueError("give two epoch counts [activations only, weights and activations], each >= 0")
-        return v
-
-    @field_validator("milestones")
-    @classmethod
-    def _fractions(cls, v):
-        if any(not 0 < m < 1 for m in v):
-            raise ValueError("milestones are fractions of a stage's epochs, each in (0, 1)")
         return v
 
     @model_validator(mode="after")
@@ -255,20 +250,14 @@ def _search(ctx, base, graph, ranks, spec) -> dict:
     best, fit = regularized_evolution(fitness, initial, mutate, evaluations=spec.evaluations,
                                       population=spec.population, sample=spec.sample, seed=ctx.recipe.seed,
                                       log=folder / "search.jsonl", progress=ctx.recipe.train.progress)
-    atomic_write(folder / "best.json", lambda tmp: open(tmp, "w").write(json.dumps({"fitness": fit, **best})))
+    atomic_write(folder / "best.json", lambda tmp: Path(tmp).write_text(json.dumps({"fitness": fit, **best})))
     return {"candidate": best, "fitness": fit}
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
 def _schedule(ctx, spec, epochs, lr):
-    return ctx.recipe.train.model_copy(update={
-        "epochs": epochs, "lr": lr, "weight_decay": spec.weight_decay, "schedule": "multistep", "nesterov": True,
-        "milestones": [m * epochs for m in spec.milestones], "gamma": spec.gamma, "warmup_epochs": 0.0})
-
-
-def _val(best, name="net"):
-    v = best[name]["val_top1"]
-    return v if v is not None and v >= 0 else None
+    return ctx.recipe.train.multistep(epochs, lr, spec.milestones, gamma=spec.gamma,
+                                      weight_decay=spec.weight_decay, nesterov=True)
 
 
 def _quantize_stages(ctx, spec, tag: str, net: nn.Module, bits: dict[str, int]):
@@ -280,7 +269,7 @@ def _quantize_stages(ctx, spec, tag: str, net: nn.Module, bits: dict[str, int]):
     full.load_state_dict({k: v for k, v in act.state_dict().items() if "quantizer" not in k}, strict=False)
     calibrate(full, ctx.eval_loader("train"), num_batches=4)
     best_b = ctx.train_stage(f"picpq-{tag}qat-b", {"net": full}, cfg=_schedule(ctx, spec, spec.qat_epochs[1], spec.qat_lr))
-    return act, _val(best_a), full, _val(best_b)
+    return act, best_val(best_a, "net"), full, best_val(best_b, "net")
 
 
 def _with_layers(row: dict, sparsity: dict, ref_bops: float) -> dict:
@@ -305,13 +294,8 @@ def _uniform_bits_for(net: nn.Module, spec, max_bits: dict, target_bops: float, 
 
 
 def _preflight(ctx) -> None:
-    spec = picpq_spec(ctx)
-    model = ctx.create_model()
-    try:
-        graph = ChannelGraph(model.to(ctx.device), torch.zeros(1, *ctx.input_size, device=ctx.device))
-    except TandemError as exc:
-        raise TandemError(f"picpq: the model {ctx.recipe.model.name!r}: {exc}") from None
-    max_bits_of(spec, ctx.recipe.model.name, list(graph.layers))
+    graph = traced_graph(ctx, "picpq")
+    max_bits_of(picpq_spec(ctx), ctx.recipe.model.name, list(graph.layers))
 
 
 @register_method("picpq")
@@ -331,7 +315,7 @@ def picpq(ctx) -> None:
         sparsity = layer_sparsity(net, base)
         best = ctx.train_stage(f"picpq-{tag}finetune", {"net": net},
                                cfg=_schedule(ctx, spec, spec.finetune_epochs, spec.finetune_lr))
-        return net, sparsity, _val(best)
+        return net, sparsity, best_val(best, "net")
 
     def quantize_and_record(tag, name, net, sparsity, bits, control=None):
         act, val_a, full, val_b = _quantize_stages(ctx, spec, tag, net, bits)

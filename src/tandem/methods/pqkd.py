@@ -27,16 +27,10 @@ from ..distill.spec import DistillSpec
 from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
 from ..quant import QUANT_LAYERS, QuantSpec, calibrate, quantize_
-from . import register_method, register_section
+from . import best_val, register_method, register_section
 from .prune import build_pruned, finetune_cfg
 
 register_section("distill", DistillSpec)
-
-
-def _val(best: dict, name: str) -> float | None:
-    """The stage's best validation top-1 (None when it trained no epoch: record measures it)."""
-    v = best[name]["val_top1"]
-    return v if v is not None and v >= 0 else None
 
 
 def _prune(ctx, spec: PruneSpec):
@@ -90,7 +84,7 @@ def pqkd(ctx) -> None:
 
     # 1. prune + fine-tune
     student, stage, masks, best = _prune(ctx, pspec)
-    record("pruned", student, _val(best, "student"), stage)
+    record("pruned", student, best_val(best, "student"), stage)
 
     # 2. quantize + calibrate + QAT / centroid fine-tuning, CE only
     quantize_(student, qspec)
@@ -101,7 +95,7 @@ def pqkd(ctx) -> None:
     if qspec.mode == "qat":
         cfg = ctx.recipe.train.for_stage(qspec.epochs, qspec.lr)
         best = ctx.train_stage("pqkd-quantize", {"student": student}, cfg=cfg, callbacks=keep(student))
-        val = _val(best, "student")
+        val = best_val(best, "student")
     quantized = record("quantized", student, val, "pqkd-quantize")
 
     # 3. Hinton KD from the uncompressed teacher (frozen, eval), masks and quantizers in the loop;
@@ -113,7 +107,7 @@ def pqkd(ctx) -> None:
     kd = kd_objective(alpha=dspec.alpha, temperature=dspec.temperature)
     best = ctx.train_stage("pqkd-distill", nets, kd, cfg=cfg,
                            frozen={"teacher": teacher}, callbacks=[cb for n in nets.values() for cb in keep(n)])
-    rows = {name: record(name, net, _val(best, name), "pqkd-distill",
+    rows = {name: record(name, net, best_val(best, name), "pqkd-distill",
                          control="pqkd/no-kd" if name == "distilled" and "no-kd" in nets else None)
             for name, net in nets.items()}
     for name, row in rows.items():

@@ -19,15 +19,9 @@ from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftP
 from ..prune.masks import apply_weight_masks, magnitude_masks
 from ..prune.schedules import step_fraction
 from ..engine.distributed import on_rank0
-from . import register_method, register_section
+from . import best_val, register_method, register_section
 
 register_section("prune", PruneSpec)
-
-
-def _val(best) -> float | None:
-    """The stage's best validation top-1 (None when it trained no epoch: record measures it)."""
-    v = best["pruned"]["val_top1"]
-    return v if v is not None and v >= 0 else None
 
 
 def _batches(ctx, n):
@@ -124,10 +118,10 @@ def prune_method(ctx) -> None:
     p = build_pruned(ctx, spec)
     best = ctx.train_stage(p.stage, {"pruned": p.net}, cfg=p.cfg, callbacks=p.callbacks)
     if p.unstructured:
-        row = ctx.record("pruned", p.net, _val(best))
+        row = ctx.record("pruned", p.net, best_val(best, "pruned"))
         row["nonzero_macs"] = cost.profile(p.net, ctx.input_size).nonzero_macs
         return
     net = p.finish(best["pruned"]["epoch"])
     if p.pruner is not None:   # soft: the zero-and-regrow stage above, then a fine-tune of the smaller net
         best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune_cfg(ctx, spec))
-    ctx.record("pruned", net, _val(best))
+    ctx.record("pruned", net, best_val(best, "pruned"))

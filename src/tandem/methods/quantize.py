@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 from ..quant import QuantSpec, calibrate, quantize_
-from . import register_method, register_section
+from . import best_val, register_method, register_section
 
 register_section("quant", QuantSpec)
 
@@ -38,4 +38,4 @@ def quantize(ctx) -> None:
         ctx.record(name, net)
         return
     best = ctx.train_stage("qat", {name: net}, cfg=ctx.recipe.train.for_stage(spec.epochs, spec.lr))
-    ctx.record(name, net, best[name]["val_top1"])
+    ctx.record(name, net, best_val(best, name))

@@ -43,7 +43,8 @@ from ..prune import ChannelGraph
 from ..prune.gates import ThresholdGate, gate_, gates_of, remove_closed
 from ..quant import QUANT_LAYERS, calibrate, quantize_
 from ..quant.bit_sharing import SBSAct, SBSWeight, check_candidates, search_
-from . import register_method, register_section
+from ..recipes import StageMilestones
+from . import best_val, register_method, register_section, traced_graph
 
 
 class SbsSpec(BaseModel):
@@ -62,7 +63,7 @@ class SbsSpec(BaseModel):
     search_lr: float = Field(0.001, gt=0)             # ABS: 0.001 from the FP model
     finetune_epochs: int = Field(200, ge=0)           # ABS
     finetune_lr: float = Field(0.1, gt=0)
-    finetune_milestones: list[float] = Field(default_factory=lambda: [0.4, 0.6])   # ABS: /10 at 80, 120 of 200
+    finetune_milestones: StageMilestones = Field(default_factory=lambda: [0.4, 0.6])   # ABS: /10 at 80, 120 of 200
     controls: list[Literal["uniform4", "bits_only"]] = Field(default_factory=lambda: ["uniform4", "bits_only"])
 
     @field_validator("bits")
@@ -78,13 +79,6 @@ class SbsSpec(BaseModel):
     def _target(cls, v):
         if v is not None and not 0 < v <= 1:
             raise ValueError("bops_target is a fraction of the full-precision BOPs; allowed range (0, 1]")
-        return v
-
-    @field_validator("finetune_milestones")
-    @classmethod
-    def _fractions(cls, v):
-        if any(not 0 < m < 1 for m in v):
-            raise ValueError("milestones are fractions of the fine-tune's epochs, each in (0, 1)")
         return v
 
 
@@ -141,6 +135,14 @@ def attach_kept(model: nn.Module, graph: ChannelGraph, gates) -> None:
                 wq.kept_by = [*(wq.kept_by or []), _Kept(gate, dim, m.offset, m.repeat, layer.weight.shape[dim])]
 
 
+def check_group_size(graph: ChannelGraph, groups: list[str], group_size: int) -> None:
+    sizes = {g.name: g.size for g in graph.groups}
+    for name in groups:
+        if sizes[name] % group_size:
+            raise RecipeError(f"recipe error: sbs.group_size = {group_size} does not divide the {sizes[name]} output "
+                              f"channels of layer {name!r}; choose a divisor of every gated layer's width")
+
+
 def _quant_policy(spec: SbsSpec, bits: int | None = None) -> dict:
     b = bits or spec.bits[-1]
     return {"method": "sbs", "w_bits": b, "a_bits": b, "first_last": spec.first_last_bits,
@@ -158,11 +160,7 @@ def build_searching(ctx, base, spec: SbsSpec, channels: str):
     groups = channel_groups(graph, channels)
     gates = None
     if groups:
-        for name in groups:
-            size = next(g.size for g in graph.groups if g.name == name)
-            if size % spec.group_size:
-                raise TandemError(f"sbs.group_size = {spec.group_size} does not divide the {size} output channels "
-                                  f"of layer {name!r}; choose a divisor of every gated layer's width")
+        check_group_size(graph, groups, spec.group_size)
         gates = gate_(model, example, "threshold", groups=groups, group_size=spec.group_size)
         attach_kept(model, graph, gates)
     return model, gates, quantizers, graph
@@ -189,10 +187,10 @@ class SearchControl:
     thresholds on odd ones (the other's gradient is dropped), channel thresholds every step;
     after each step t >= 0 and each channel tau in [0, tau_max]."""
 
-    def __init__(self, quantizers, gates, max_prune_ratio: float, group_size: int):
+    def __init__(self, quantizers, gates, max_prune_ratio: float):
         self.weight = [q.gates.threshold for q in quantizers if isinstance(q, SBSWeight)]
         self.act = [q.gates.threshold for q in quantizers if isinstance(q, SBSAct)]
-        self.gates, self.rho, self.g = gates, max_prune_ratio, group_size
+        self.gates, self.rho = gates, max_prune_ratio
 
     def after_backward(self, trainer) -> None:
         for t in (self.act if trainer.step % 2 == 0 else self.weight):
@@ -253,10 +251,7 @@ def freeze(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def _finetune_cfg(ctx, spec):
-    e = spec.finetune_epochs
-    return ctx.recipe.train.model_copy(update={"epochs": e, "lr": spec.finetune_lr, "schedule": "multistep",
-                                               "milestones": [m * e for m in spec.finetune_milestones],
-                                               "gamma": 0.1, "warmup_epochs": 0.0})
+    return ctx.recipe.train.multistep(spec.finetune_epochs, spec.finetune_lr, spec.finetune_milestones)
 
 
 def _search_cfg(ctx, spec):
@@ -267,26 +262,18 @@ def _run_sbs(ctx, spec, base, channels: str, tag: str, fp_bops: float):
     model, gates, quantizers, graph = build_searching(ctx, base, spec, channels)
     objective = sbs_objective(spec, model, graph, gates, fp_bops)
     ctx.train_stage(f"sbs-{tag}search", {"net": model}, objective, cfg=_search_cfg(ctx, spec),
-                    callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio, spec.group_size)],
+                    callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio)],
                     param_options={"gate": {"weight_decay": 0.0, **({"lr": spec.threshold_lr} if spec.threshold_lr else {})}})
     model.eval()
-    with torch.no_grad():   # the inputs' bits are read from a batch: the last training batch's statistics
+    with torch.no_grad():   # each input's bits are chosen from the last batch it saw: one training batch, eval mode
         model(next(iter(ctx.eval_loader("train")))[0])
     return freeze(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
 
 
 def _preflight(ctx) -> None:
     spec = sbs_spec(ctx)
-    model = ctx.create_model()
-    try:
-        graph = ChannelGraph(model.to(ctx.device), torch.zeros(1, *ctx.input_size, device=ctx.device))
-    except TandemError as exc:
-        raise TandemError(f"sbs: the model {ctx.recipe.model.name!r}: {exc}") from None
-    for name in channel_groups(graph, spec.channels):
-        size = next(g.size for g in graph.groups if g.name == name)
-        if size % spec.group_size:
-            raise RecipeError(f"recipe error: sbs.group_size = {spec.group_size} does not divide the {size} output "
-                              f"channels of layer {name!r}; choose a divisor of every gated layer's width")
+    graph = traced_graph(ctx, "sbs")
+    check_group_size(graph, channel_groups(graph, spec.channels), spec.group_size)
 
 
 @register_method("sbs")
@@ -296,8 +283,7 @@ def sbs(ctx) -> None:
     fp_bops = cost.profile(base, ctx.input_size).bops
 
     def record(name, net, best, stage, control=None):
-        v = best["net"]["val_top1"] if best else None
-        row = ctx.record(name, net, v if v is not None and v >= 0 else None, stage=stage, control=control)
+        row = ctx.record(name, net, best_val(best, "net") if best else None, stage=stage, control=control)
         row["bops_ratio"] = fp_bops / row["bops"]
         return row
 

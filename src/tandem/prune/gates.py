@@ -30,6 +30,8 @@ Two kinds on one mechanism (GATES):
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -159,11 +161,6 @@ class ChannelGates(nn.Module):
     def group_names(self) -> list[str]:
         return [k.replace("/", ".") for k in self.gates]
 
-    def values(self) -> dict[str, torch.Tensor]:
-        """{group name: hard 0/1 values} (no gradient)."""
-        with torch.no_grad():
-            return {k.replace("/", "."): g().detach() for k, g in self.gates.items()}
-
     def closed(self) -> Removed:
         """{group name: indices of closed channels}; a group keeps at least its strongest channel."""
         out = {}
@@ -292,7 +289,6 @@ def ungate_(model: nn.Module) -> Removed:
 def remove_closed(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """The physically smaller model: a copy with the gates gone and their closed channels
     removed (a built-in model comes back rebuilt from its config)."""
-    import copy
     model = copy.deepcopy(model)
     closed = ungate_(model)
     return apply_removal(ChannelGraph(model, example_input), closed, inplace=True)

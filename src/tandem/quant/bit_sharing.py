@@ -57,46 +57,33 @@ class BitGates(nn.Module):
         return threshold_ste(residual.abs().mean(), self.threshold[j])
 
 
-def shared(z: torch.Tensor, bits: list[int], gates: BitGates | None, record: list | None = None) -> torch.Tensor:
-    """The single-path decomposition; gates None = every gate open. `record` receives the
-    cumulative gate products (prod_{i<=j} g_i, with their gradients) for the BOPs."""
+def residuals(z: torch.Tensor, bits: list[int]):
+    """The decomposition's terms (r_j, s_j), j = 1..K-1: r_j = z - (Q_b1(z) + s_1 + ... +
+    s_(j-1)) and its step s_j = Q_b(j+1)(r_j); so Q_b1(z) + s_1 + ... + s_j = Q_b(j+1)(z)."""
     q = q_unit(z, bits[0])
-    out, keep = q, None
-    for j in range(1, len(bits)):
-        r = z - q
-        step = q_unit(r, bits[j])
-        if gates is not None:
-            g = gates(r, j - 1)
-            keep = g if keep is None else keep * g
-            if record is not None:
-                record.append(keep)
-            out = out + keep * step
-        else:
-            out = out + step
-        q = q + step
-    return out
-
-
-@torch.no_grad()
-def residual_steps(z: torch.Tensor, bits: list[int]) -> list[torch.Tensor]:
-    """s_j = Q_b(j+1)(r_j), r_j = z - (Q_b1(z) + s_1 + ... + s_(j-1)): the offsets of the
-    decomposition (no gradient)."""
-    q, steps = q_unit(z, bits[0]), []
     for b in bits[1:]:
-        steps.append(q_unit(z - q, b))
-        q = q + steps[-1]
-    return steps
+        r = z - q
+        s = q_unit(r, b)
+        yield r, s
+        q = q + s
 
 
 @torch.no_grad()
 def residual_means(z: torch.Tensor, bits: list[int]) -> list[torch.Tensor]:
     """mean|r_j| for each gate (under the straight-through round, r_j has no gradient to z)."""
-    q, means = q_unit(z, bits[0]), []
-    for b in bits[1:]:
-        r = z - q
-        means.append(r.abs().mean())
-        q = q + q_unit(r, b)
-    return means
+    return [r.abs().mean() for r, _ in residuals(z, bits)]
+
+
+def shared(z: torch.Tensor, bits: list[int], gates: BitGates | None) -> torch.Tensor:
+    """The single-path decomposition written out, Q_b1(z) + sum_j (prod_{i<=j} g_i) s_j
+    (gates None: all open), with autograd through every term: the reference `_SharedUnit`'s
+    one-node forward and backward are tested against."""
+    out, keep = q_unit(z, bits[0]), 1.0
+    for j, (r, s) in enumerate(residuals(z, bits)):
+        if gates is not None:
+            keep = keep * gates(r, j)
+        out = out + keep * s
+    return out
 
 
 class _SharedUnit(torch.autograd.Function):
@@ -116,7 +103,7 @@ class _SharedUnit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z,) = ctx.saved_tensors
-        grad_p = torch.stack([(g * s).sum() for s in residual_steps(z, ctx.bits)])
+        grad_p = torch.stack([(g * s).sum() for _, s in residuals(z, ctx.bits)])
         return g, grad_p, None, None
 
 
@@ -143,7 +130,7 @@ class _SharedAct(torch.autograd.Function):
         above = torch.where(c > ctx.a_below, g, 0)
         passed = torch.where(c > 0, g, 0) - above
         z = c / ctx.a
-        grad_p = torch.stack([(g * s).sum() for s in residual_steps(z, ctx.bits)]) * ctx.a
+        grad_p = torch.stack([(g * s).sum() for _, s in residuals(z, ctx.bits)]) * ctx.a
         return passed, above.sum().reshape(ctx.shape), grad_p, None, None
 
 
@@ -174,8 +161,9 @@ class _BitSharing:
         """Search over: keep `bits`, drop the gates."""
         self.bits, self.candidates, self.gates, self.products = bits, None, None, []
 
-    def _gate_products(self, z: torch.Tensor) -> torch.Tensor:
-        """P_k = prod_{i<=k} g_i, g_i = 1[mean|r_i| > t_i] with the sigmoid gradient to t_i."""
+    def _gate_products(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """P_k = prod_{i<=k} g_i, g_i = 1[mean|r_i| > t_i] with the sigmoid gradient to t_i,
+        and the width they choose."""
         keep, out = None, []
         self.last_means = residual_means(z.detach(), self.candidates)   # what the bits were chosen from
         for j, m in enumerate(self.last_means):
@@ -183,29 +171,28 @@ class _BitSharing:
             keep = g if keep is None else keep * g
             out.append(keep)
         self.products = out
-        return torch.stack(out)
+        products = torch.stack(out)
+        return products, self._width(products.detach().gt(0.5).tolist())
 
-    def _hard_bits(self) -> int:
-        """The width the hard gates chose in this forward pass (the products are 0 or 1)."""
-        c = self.candidates
-        return c[0] + sum(int(round(float(p.detach()))) * (c[j + 1] - c[j]) for j, p in enumerate(self.products))
+    def _width(self, open_) -> int:
+        """b_1 if gate 1 is closed, b_2 if gate 1 is open and gate 2 closed, ..., b_K if all open."""
+        for j, is_open in enumerate(open_):
+            if not is_open:
+                return self.candidates[j]
+        return self.candidates[-1]
 
     def _quantize_unit(self, z):
         if self.candidates is None:
             return q_unit(z, self.bits)
-        products = self._gate_products(z)
-        return _SharedUnit.apply(z, products, self.candidates, self._hard_bits())
+        products, width = self._gate_products(z)
+        return _SharedUnit.apply(z, products, self.candidates, width)
 
     @torch.no_grad()
     def chosen_bits(self, means) -> int:
-        """The width the hard gates select for residual means `means`: b_1 if g_1 = 0, b_2 if
-        g_1 = 1 and g_2 = 0, ..."""
+        """The width the hard gates select for residual means `means`."""
         if self.candidates is None:
             return self.bits
-        for j, m in enumerate(means):
-            if not bool(m > self.gates.threshold[j]):
-                return self.candidates[j]
-        return self.candidates[-1]
+        return self._width((torch.stack(list(means)) > self.gates.threshold).tolist())
 
 
 class SBSWeight(_BitSharing, WeightQuantizer):
@@ -277,9 +264,8 @@ class SBSAct(_BitSharing, PACTAct):
     def quantize(self, x):
         if self.candidates is None:
             return super().quantize(x)
-        z = self._z(x).detach()
-        products = self._gate_products(z)
-        return _SharedAct.apply(x, self.alpha, products, self.candidates, self._hard_bits())
+        products, width = self._gate_products(self._z(x).detach())
+        return _SharedAct.apply(x, self.alpha, products, self.candidates, width)
 
     def selected(self) -> int:
         """The width chosen on the last batch this quantizer saw (its residual means)."""

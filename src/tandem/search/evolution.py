@@ -73,12 +73,12 @@ def _read_log(log: Path) -> list[dict]:
     """Complete lines only: a line cut by a kill is dropped (its candidate is evaluated again)."""
     if not log.exists():
         return []
-    out = []
-    for line in log.read_text().splitlines():
+    lines, out = log.read_text().splitlines(), []
+    for line in lines:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    if len(out) < len(log.read_text().splitlines()):   # rewrite without the torn tail
+    if len(out) < len(lines):   # rewrite without the torn tail
         log.write_text("".join(json.dumps(r) + "\n" for r in out))
     return out
