@@ -150,3 +150,31 @@ def test_the_one_node_search_quantizer_has_the_decompositions_gradients():
             torch.testing.assert_close(first[0], grads[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(first[1], grads[1], atol=1e-5, rtol=1e-4)
     assert (first[1] != 0).all()
+
+
+def test_the_one_node_input_quantizer_has_the_decompositions_gradients():
+    """SBSAct in search: value alpha * (the written-out sum at z = clip(x / alpha, 0, 1)); the
+    same gradients to x (1 inside (0, alpha)) and to every bit threshold."""
+    from tandem.quant.bit_sharing import SBSAct
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 6, 6) * 1.5
+    fast = SBSAct(8, signed=False)
+    with torch.no_grad():
+        fast.alpha.fill_(2.0)
+    fast.start_search([2, 4, 8])
+    ref = BitGates(2)
+    for thresholds in ([0.0, 0.0], [0.02, 0.0005], [1.0, 0.0]):
+        with torch.no_grad():
+            fast.gates.threshold.copy_(torch.tensor(thresholds))
+            ref.threshold.copy_(torch.tensor(thresholds))
+        coeff = torch.randn_like(x)
+        got, want = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out = fast.quantize(got)
+        (out * coeff).sum().backward()
+        ref_out = 2.0 * shared(torch.clamp(want / 2.0, 0, 1), [2, 4, 8], ref)
+        (ref_out * coeff).sum().backward()
+        torch.testing.assert_close(out.detach(), ref_out.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.grad, want.grad)
+        torch.testing.assert_close(fast.gates.threshold.grad, ref.threshold.grad, atol=1e-4, rtol=1e-4)
+        assert fast.gates.threshold.grad.abs().sum() > 0
+        fast.gates.threshold.grad, ref.threshold.grad = None, None

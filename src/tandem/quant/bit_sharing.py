@@ -7,11 +7,14 @@ learnable, initialised to 1; Q_b(z) = round(z (2^b - 1)) / (2^b - 1) with a stra
 round.
 
 `search_(quantizer, bits)` turns one into a bit-sharing quantizer over candidate bits
-b_1 < ... < b_K (each dividing the next, so each coarse grid lies in the finer one): one pass
-computes z^1 = Q_b1(z) and z^(j+1) = z^j + Q_b(j+1)(z - z^j) = Q_b(j+1)(z), and outputs
-z^1 + sum_j (prod_{i<=j} g_i) Q_b(j+1)(r_j) with gates g_j = 1[mean|r_j| > t_j] (t_j >= 0,
-learnable, initialised to 0: all open = the highest candidate). `freeze_()` keeps the chosen
-width and drops the gates.
+b_1 < ... < b_K (each dividing the next, so each coarse grid lies in the finer one), whose
+output is Q_b1(z) + sum_j (prod_{i<=j} g_i) s_j with r_j = z - (Q_b1(z) + s_1 + ... + s_(j-1)),
+s_j = Q_b(j+1)(r_j) and gates g_j = 1[mean|r_j| > t_j] (t_j >= 0, learnable, initialised to 0:
+all open = the highest candidate). `shared()` writes that sum out. Because the grids nest,
+Q_b1(z) + s_1 + ... + s_j = Q_b(j+1)(z) exactly, so r_j = z - Q_bj(z) and
+s_j = Q_b(j+1)(z) - Q_bj(z): the search quantizers compute one rounding per candidate and one
+output at the chosen width, in one autograd node each (a search step costs 1.5x an LSQ step,
+benchmarks/sbs_step.py). `freeze_()` keeps the chosen width and drops the gates.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import TandemError
 from ..prune.gates import threshold_ste
-from .quantizers import PACTAct, WeightQuantizer, round_ste
+from .quantizers import PACTAct, WeightQuantizer, _grad_where_above, round_ste
 
 
 def check_candidates(bits) -> list[int]:
@@ -57,32 +60,40 @@ class BitGates(nn.Module):
         return threshold_ste(residual.abs().mean(), self.threshold[j])
 
 
-def residuals(z: torch.Tensor, bits: list[int]):
-    """The decomposition's terms (r_j, s_j), j = 1..K-1: r_j = z - (Q_b1(z) + s_1 + ... +
-    s_(j-1)) and its step s_j = Q_b(j+1)(r_j); so Q_b1(z) + s_1 + ... + s_j = Q_b(j+1)(z)."""
-    q = q_unit(z, bits[0])
-    for b in bits[1:]:
-        r = z - q
-        s = q_unit(r, b)
-        yield r, s
-        q = q + s
-
-
 @torch.no_grad()
-def residual_means(z: torch.Tensor, bits: list[int]) -> list[torch.Tensor]:
-    """mean|r_j| for each gate (under the straight-through round, r_j has no gradient to z)."""
-    return [r.abs().mean() for r, _ in residuals(z, bits)]
+def residual_means(c: torch.Tensor, bits: list[int], scale: float = 1.0) -> list[torch.Tensor]:
+    """mean|r_j| for each gate, z = c / scale. The grids nest, so the residual after the first
+    j terms is r_j = z - Q_bj(z): one rounding per gate, not the chain (and no gradient: under
+    the straight-through round r_j has none to z)."""
+    out = []
+    for b in bits[:-1]:
+        n = 2 ** b - 1
+        u = c * (n / scale)
+        out.append(u.sub_(torch.round(u)).abs_().mean() / n)
+    return out
+
+
+def step_dots(g: torch.Tensor, c: torch.Tensor, bits: list[int], scale: float = 1.0) -> torch.Tensor:
+    """<g, s_j> for each gate, z = c / scale: s_j = Q_b(j+1)(z) - Q_bj(z) (nested grids), so
+    the K dot products <g, Q_b(z)> give all K-1 (the gate products' gradients)."""
+    g = g.flatten()
+    dots = torch.stack([torch.dot(g, torch.round(c * ((2 ** b - 1) / scale)).flatten()) / (2 ** b - 1)
+                        for b in bits])
+    return dots[1:] - dots[:-1]
 
 
 def shared(z: torch.Tensor, bits: list[int], gates: BitGates | None) -> torch.Tensor:
     """The single-path decomposition written out, Q_b1(z) + sum_j (prod_{i<=j} g_i) s_j
     (gates None: all open), with autograd through every term: the reference `_SharedUnit`'s
     one-node forward and backward are tested against."""
-    out, keep = q_unit(z, bits[0]), 1.0
-    for j, (r, s) in enumerate(residuals(z, bits)):
+    q = q_unit(z, bits[0])
+    out, keep = q, 1.0
+    for j, b in enumerate(bits[1:]):
+        r = z - q
+        s = q_unit(r, b)
         if gates is not None:
             keep = keep * gates(r, j)
-        out = out + keep * s
+        out, q = out + keep * s, q + s
     return out
 
 
@@ -91,7 +102,7 @@ class _SharedUnit(torch.autograd.Function):
     tensor (z) per layer instead of every term of the decomposition: forward Q_b(z) at the
     width the hard gates chose (bit for bit the frozen quantizer); backward the decomposition's
     gradient under the straight-through round: identity to z, and <grad, s_k> to the cumulative
-    gate product P_k (the offsets s_k recomputed from z)."""
+    gate product P_k (s_k = Q_b(k+1)(z) - Q_bk(z), recomputed from z)."""
 
     @staticmethod
     def forward(ctx, z, products, bits, hard):
@@ -103,8 +114,7 @@ class _SharedUnit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z,) = ctx.saved_tensors
-        grad_p = torch.stack([(g * s).sum() for _, s in residuals(z, ctx.bits)])
-        return g, grad_p, None, None
+        return g, step_dots(g, z, ctx.bits), None, None
 
 
 class _SharedAct(torch.autograd.Function):
@@ -127,10 +137,9 @@ class _SharedAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (c,) = ctx.saved_tensors
-        above = torch.where(c > ctx.a_below, g, 0)
-        passed = torch.where(c > 0, g, 0) - above
-        z = c / ctx.a
-        grad_p = torch.stack([(g * s).sum() for _, s in residuals(z, ctx.bits)]) * ctx.a
+        above = _grad_where_above(g, c, ctx.a_below)     # g where x >= alpha
+        passed = _grad_where_above(g, c, 0.0) - above     # g where 0 < x < alpha
+        grad_p = step_dots(g, c, ctx.bits, ctx.a) * ctx.a
         return passed, above.sum().reshape(ctx.shape), grad_p, None, None
 
 
