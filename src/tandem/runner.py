@@ -53,6 +53,7 @@ class RunContext:
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.dist.is_main else None)
         self.results: list[dict] = []
         self._pretrained: torch.nn.Module | None = None
+        self._checkpoint_net: torch.nn.Module | None = None
 
     # ---- data ----------------------------------------------------------------------------
     @property
@@ -90,14 +91,37 @@ class RunContext:
         if self._pretrained is None:
             ckpt, val_top1 = self.recipe.model.checkpoint, None
             if ckpt:
-                from .engine import load_model
-                net = load_model(ckpt)[0].to(self.device)
+                net = self.checkpoint_model()
             else:
                 net = self.create_model()
                 val_top1 = self.train_stage("baseline", {"baseline": net})["baseline"]["val_top1"]
             self.record("baseline", net, val_top1)
             self._pretrained = net
         return self._pretrained
+
+    def checkpoint_model(self) -> torch.nn.Module:
+        """`model.checkpoint` loaded (once; `run` loads it before the run folder is written): a
+        tandem model file rebuilds its own architecture (which must be the recipe's model when
+        the recipe names one); a plain state dict is loaded into the recipe's model."""
+        if self._checkpoint_net is None:
+            self._checkpoint_net = self._load_checkpoint(self.recipe.model.checkpoint).to(self.device)
+        return self._checkpoint_net
+
+    def _load_checkpoint(self, path: str) -> torch.nn.Module:
+        from .engine.checkpoint import read_state_dict, replay_transforms
+        from .models import create_model
+        state, meta = read_state_dict(path)
+        spec = self.recipe.model
+        config = meta.get("config")
+        if config:
+            if (spec.factory or spec.name != "small_cnn") and config["name"] != spec.name:
+                raise TandemError(f"model.checkpoint = {path!r} holds a {config['name']!r} model, the recipe names "
+                                  f"{spec.name!r}; drop the model name or give a checkpoint of that model")
+            net = replay_transforms(create_model(**config), meta.get("transforms") or [], source=str(path))
+        else:
+            net = self.create_model()
+        load_state(net, state, f"model.checkpoint = {path!r}")
+        return net
 
     def train_stage(self, stage: str, nets: dict, objective=cross_entropy_objective, cfg=None,
                     frozen: dict | None = None, callbacks=(), update: str = "simultaneous",
@@ -207,6 +231,8 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
                               f"new run with another --out)")
     start = time.perf_counter()
     ctx = RunContext(recipe, out_dir, resume=resume)   # loads data before anything is written
+    if recipe.model.checkpoint:
+        ctx.checkpoint_model()
     preflight(ctx, steps)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

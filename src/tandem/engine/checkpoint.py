@@ -112,17 +112,53 @@ def load_state(model: torch.nn.Module, state: dict, source: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    wrong = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+             for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        detail = "; ".join(f"{label} {len(keys)}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                ("shape differs", wrong)) if keys)
         raise CheckpointError(f"{source} holds weights of another architecture ({detail})")
     model.load_state_dict(state)
 
 
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")   # training scripts' usual containers
+
+
+def read_state_dict(path: Path) -> tuple[dict, dict]:
+    """(state_dict, metadata) of a weights file: a safetensors file (a tandem model file or a
+    plain state dict) or a PyTorch `.pt`/`.pth`/`.bin` state dict (read with weights_only=True:
+    no pickled code runs). A dict holding the state dict under one of `_WRAPPERS` is unwrapped,
+    and a `module.` (DDP) or `_orig_mod.` (torch.compile) prefix on every key is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        state, meta = read_model_file(path)
+    else:
+        try:
+            state, meta = torch.load(path, map_location="cpu", weights_only=True), {}
+        except Exception as exc:   # torch raises several types for files it cannot unpickle safely
+            raise CheckpointError(f"{path} is not a PyTorch state dict loadable with weights_only=True "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); save "
+                                  f"model.state_dict() with torch.save, or as safetensors") from None
+        for key in _WRAPPERS:
+            if isinstance(state, dict) and isinstance(state.get(key), dict) and \
+                    all(torch.is_tensor(v) for v in state[key].values()):
+                state = state[key]
+                break
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise CheckpointError(f"{path} holds a {type(state).__name__} that is not a state dict "
+                                  f"(name -> tensor); save model.state_dict()")
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, meta
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model stored in a tandem model file; returns (model, metadata)."""
+    """Rebuild the model stored in a tandem model file; returns (model, metadata). (A plain
+    state dict has no architecture: see `read_state_dict`.)"""
     from ..models import create_model
 
     state, meta = read_model_file(path)

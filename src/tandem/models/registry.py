@@ -7,8 +7,11 @@ saved as that config plus a state_dict and rebuilt later without its original de
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import numbers
+import os
+import sys
 from typing import Callable
 
 import torch.nn as nn
@@ -89,22 +92,78 @@ def _check_widths(name: str, layout: list[tuple[str, int]], widths) -> list[int]
     return [int(w) for w in widths]
 
 
+def is_factory(name: str) -> bool:
+    """'pkg.module:function' names a user's model factory, anything else a registered model."""
+    return ":" in name
+
+
+def import_factory(path: str) -> Callable[..., nn.Module]:
+    """The function (or class) `path` = 'pkg.module:attr' names; the module is imported from
+    the current directory or the installed environment."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise TandemError(f"model factory {path!r}: write it as 'package.module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:   # the `tandem` script does not add it
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+    except Exception as exc:
+        raise TandemError(f"model factory {path!r}: cannot import {module!r} ({type(exc).__name__}: {exc}); it must "
+                          f"be importable from the current directory ({os.getcwd()}) or the installed "
+                          f"environment") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TandemError(f"model factory {path!r}: module {module!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TandemError(f"model factory {path!r} is not callable")
+    return obj
+
+
+def _from_factory(path: str, num_classes: int, in_channels: int, widths, options: dict) -> nn.Module:
+    """factory(num_classes=..., in_channels=..., **options); each of the first two passed only
+    when the factory takes it (or **kwargs)."""
+    if widths:
+        raise TandemError(f"model {path!r}: widths set the layers of a registered model; a factory builds its own "
+                          f"architecture (pass its options instead)")
+    fn = import_factory(path)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    args = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+            if takes_any or k in params}
+    try:
+        model = fn(**args, **options)
+    except TypeError as exc:
+        raise TandemError(f"model factory {path!r} called with {', '.join(sorted({**args, **options})) or 'nothing'}: "
+                          f"{exc}") from None
+    if not isinstance(model, nn.Module):
+        raise TandemError(f"model factory {path!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, widths=None, **kwargs) -> nn.Module:
-    """Build a registered model; ``create_model(**model.config)`` rebuilds the same architecture.
+    """Build a registered model, or a user's (`name` = 'pkg.module:function', see
+    `import_factory`); ``create_model(**model.config)`` rebuilds the same architecture.
 
     A nested ``kwargs`` dict (as found in a config) is merged into the options.
     """
     kwargs = {**(kwargs.pop("kwargs", None) or {}), **kwargs}
-    builder, layout = _lookup(name)
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise TandemError(f"model {name!r}: {what} must be a positive integer, got {value!r}")
-    options = _options(name, builder, kwargs)
-    if layout is not None:
-        widths = _check_widths(name, layout(**options), widths)
+    if is_factory(name):
+        model, options, widths = _from_factory(name, num_classes, in_channels, widths, kwargs), kwargs, []
     else:
-        widths = [int(w) for w in widths or []]
-    model = builder(num_classes, in_channels, widths, **options)
+        builder, layout = _lookup(name)
+        options = _options(name, builder, kwargs)
+        if layout is not None:
+            widths = _check_widths(name, layout(**options), widths)
+        else:
+            widths = [int(w) for w in widths or []]
+        model = builder(num_classes, in_channels, widths, **options)
     model.config = {
         "name": name,
         "num_classes": num_classes,

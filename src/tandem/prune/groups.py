@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -88,8 +89,32 @@ class _Tracer(fx.Tracer):
     quantized layer is the layer it wraps, and its quantizers never enter the graph), so the
     graph sees one call it knows how to follow."""
 
+    def __init__(self):
+        super().__init__()
+        self.inside: list[str] = []   # the modules being traced, outermost first (for errors)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return hasattr(m, "channel_map") or isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.inside.append(f"{self.path_of_module(m) or 'the model'} ({type(m).__name__})")
+        out = super().call_module(m, forward, args, kwargs)
+        self.inside.pop()
+        return out
+
+
+def _user_line(exc: BaseException) -> str:
+    """', at file.py:12 `if y.mean() > 0:`': the deepest frame of the failed trace outside
+    torch and tandem (the user's line that stopped it), or ''."""
+    import traceback
+    torch_dir, own_dir = Path(torch.__file__).parent, Path(__file__).parents[1]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not Path(f.filename).is_relative_to(torch_dir) and not Path(f.filename).is_relative_to(own_dir)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = (f.line or "").strip()
+    return f", at {Path(f.filename).name}:{f.lineno}" + (f" `{code}`" if code else "")
 
 
 class ChannelGraph:
@@ -98,11 +123,18 @@ class ChannelGraph:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor):
         self.model = model
+        self.input_shape = tuple(example_input.shape[1:])
+        tracer = _Tracer()
         try:
-            gm = fx.GraphModule(model, _Tracer().trace(model))
+            gm = fx.GraphModule(model, tracer.trace(model))
         except Exception as exc:  # fx raises many types for untraceable Python control flow
-            raise TandemError(f"cannot trace {type(model).__name__} with torch.fx for channel pruning "
-                              f"({type(exc).__name__}: {exc}); data-dependent control flow is not supported") from None
+            where = tracer.inside[-1] if tracer.inside else f"the forward of {type(model).__name__}"
+            where += _user_line(exc)
+            reason = " ".join(str(exc).split())[:200]
+            raise TandemError(f"the channel graph cannot trace {type(model).__name__}: {where} stopped torch.fx "
+                              f"({type(exc).__name__}: {reason}); data-dependent control flow (if/for on tensor "
+                              f"values) cannot be traced: rewrite it with tensor ops, or compress without "
+                              f"channel pruning (method quantize)") from None
         modes = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
