@@ -101,6 +101,8 @@ def test_profile_table_and_list(capsys):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
     assert "resnet56" in listed and "digits" in listed and "baseline" in listed
+    (recipes,) = [line for line in listed.splitlines() if line.startswith("recipes: ")]
+    assert "digits-qat" in recipes.split(": ")[1].split(", ")
 
 
 def test_resume_refuses_changed_settings_and_wall_time_sums_invocations(tmp_path, capsys):
@@ -123,3 +125,59 @@ def test_resume_refuses_changed_settings_and_wall_time_sums_invocations(tmp_path
     os.umask(umask)
     for name in ("recipe.yaml", "results.json", "report.md", "models/baseline.safetensors"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_bundled_recipe_from_any_folder_progress_lines_profile_and_packed_eval(tmp_path, monkeypatch, capsys):
+    import torch
+    monkeypatch.chdir(tmp_path)   # no recipes/ here: the recipe comes from the package
+    before = torch.get_num_threads()
+    try:
+        assert main(["run", "digits-qat", "train.epochs=1", "quant.epochs=1", "--threads", "1", "--out", "run"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    # stderr is not a terminal here: one plain line per epoch, no progress bar
+    assert "\r" not in err and "\x1b[" not in err
+    assert [line.split(":")[0] for line in err.splitlines() if " epoch " in line] == \
+        ["baseline epoch 1/1", "qat epoch 1/1"]
+    assert all("train loss" in line and "val top-1" in line for line in err.splitlines() if " epoch " in line)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["recipe"]["name"] == "digits-qat"
+    for row in results["models"]:   # a model file is profiled at its dataset's size, with its layers' bits
+        assert main(["profile", str(tmp_path / "run" / row["model_file"]), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["macs"], report["bops"], report["bytes"]) == (row["macs"], row["bops"], row["bytes"])
+    (qat,) = [r for r in results["models"] if r["w_bits"] < 8]
+
+    assert main(["export", "run", "--format", "safetensors"]) == 0
+    capsys.readouterr()
+    packed = tmp_path / "run" / "export" / f"{qat['name']}.packed.safetensors"
+    assert main(["eval", str(packed)]) == 0
+    assert f"test top-1 {qat['top1']:.2f}% on" in capsys.readouterr().out
+    packed.rename(tmp_path / packed.name)   # away from its run folder, nothing says its dataset
+    assert main(["eval", packed.name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not record its dataset" in err
+
+
+def test_terminal_keeps_the_progress_bar(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["run", "method=baseline", "train.epochs=1", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "baseline epoch 1/1: train loss" not in err
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"tandem {version('tandem')}\n"
+
+
+def test_run_refuses_key_and_value_apart_and_bad_threads(refused):
+    refused([], [(["train.epochs", "5"], "train.epochs 5: write overrides as key=value, e.g. train.epochs=5"),
+                 (["train.epochs"], "write overrides as key=value"),
+                 (["nosuch.yaml", "train.epochs=1"], "recipe file nosuch.yaml not found"),
+                 (["method=baseline", "--threads", "0"], "--threads 0: must be a whole number >= 1"),
+                 (["method=baseline", "--threads", "two"], "--threads two")])

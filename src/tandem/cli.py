@@ -4,17 +4,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from .errors import TandemError
+from .errors import CheckpointError, TandemError
+
+BUNDLED_RECIPES = Path(__file__).with_name("bundled_recipes")   # shipped in the package (pyproject.toml)
+
+
+def bundled_recipes() -> list[str]:
+    """Names of the recipes shipped with tandem: `tandem run NAME` finds them from any folder."""
+    return sorted(p.stem for p in BUNDLED_RECIPES.glob("*.yaml"))
 
 
 def _split_run_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """The first argument without '=' is the recipe file; the rest are key=value overrides."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
+    """The first argument without '=' is the recipe file; the rest are key=value overrides.
+    A key and its value written apart (`train.epochs 5`) is refused here: read as a recipe
+    file, it would only say that no file `train.epochs` exists."""
+    if not args or "=" in args[0]:
+        return None, args
+    first, rest = args[0], args[1:]
+    value = rest[0] if rest and "=" not in rest[0] else None
+    recipe = Path(first).is_file() or Path(first).suffix in (".yaml", ".yml") or first in bundled_recipes()
+    dotted_key = re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", first)
+    if not recipe and (dotted_key or value is not None):
+        given = first if value is None else f"{first} {value}"
+        raise TandemError(f"{given}: write overrides as key=value, e.g. {first}={value if value is not None else 'VALUE'}"
+                          f" (a recipe is a .yaml file or a bundled recipe's name: tandem list)")
+    return first, rest
+
+
+def _set_threads(ns) -> None:
+    """--threads N: torch's intra-op threads for this process (each process, under --nproc)."""
+    if ns.threads is None:
+        return
+    try:
+        threads = int(ns.threads)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise TandemError(f"--threads {ns.threads}: must be a whole number >= 1 (threads per process)")
+    import torch
+    torch.set_num_threads(threads)
 
 
 def _launch_torchrun(ns, argv: list[str]) -> int:
@@ -107,6 +139,7 @@ def cmd_run(ns) -> int:
 
     recipe_path, overrides = _split_run_args(ns.args)
     seeds = _seeds(ns, overrides)
+    _set_threads(ns)
     if ns.resume and not ns.out:
         raise TandemError("--resume needs --out RUN_DIR, the folder of the run to continue")
     if seeds is None and ns.resume and (Path(ns.out) / "seeds.json").exists():
@@ -145,6 +178,7 @@ def cmd_grid(ns) -> int:
 
     recipe_path, overrides = _split_run_args(ns.args)
     seeds = _seeds(ns, overrides)
+    _set_threads(ns)
     if seeds is not None:
         from .grid import run_grid_seeds
         from .summary import summary_markdown
@@ -159,13 +193,65 @@ def cmd_grid(ns) -> int:
     return 0
 
 
+def _load_model_file(path: Path) -> tuple:
+    """(model, metadata) of a model file or of a packed export (`*.packed.safetensors`). A packed
+    file does not record its dataset: that comes from the model file it was exported from,
+    RUN_DIR/models/NAME.safetensors beside RUN_DIR/export/NAME.packed.safetensors."""
+    from .engine import load_model
+
+    if not path.name.endswith(".packed.safetensors"):
+        return load_model(path)
+    from safetensors import SafetensorError, safe_open
+    from .export import load_packed
+
+    try:
+        model = load_packed(path)
+        with safe_open(str(path), framework="pt") as f:
+            own = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a packed model file ({exc})") from None
+    if "dataset" in own:
+        return model, {"dataset": json.loads(own["dataset"])}
+    source = path.parent.parent / "models" / path.name.replace(".packed.safetensors", ".safetensors")
+    if not source.is_file():
+        raise CheckpointError(f"{path} is a packed export, which does not record its dataset, and {source} (the "
+                              f"model it came from, which does) is not there; keep the export in its run folder")
+    with safe_open(str(source), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return model, meta
+
+
+def _dataset_of(path: Path, meta: dict, data_root=None):
+    """The dataset a model file was trained on, re-created as its run made it (test split included)."""
+    from .data import load_dataset
+
+    spec = meta.get("dataset") or {}
+    if not spec:
+        raise TandemError(f"{path} does not say which dataset it was trained on; it was not written by a run")
+    return load_dataset(spec["name"], data_root or spec.get("root"), val_fraction=spec.get("val_fraction", 0.1),
+                        seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
+                        test_limit=spec.get("test_limit"), **spec.get("options", {}))
+
+
 def cmd_profile(ns) -> int:
+    """A registered model at the given size and bits, or a model file as it was trained: its
+    dataset's input size, its quantized layers' own bits, its pruned widths."""
     from . import cost
     from .models import create_model
 
-    model = create_model(ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels)
-    report = cost.profile(model, (ns.in_channels, ns.input_size, ns.input_size), w_bits=ns.w_bits,
-                          a_bits=ns.a_bits, first_last_bits=ns.first_last_bits)
+    path = Path(ns.model)
+    if path.suffix == ".safetensors" or path.is_file():
+        model, meta = _load_model_file(path)
+        if ns.input_size is not None:
+            channels = ns.in_channels or (meta.get("config") or {}).get("in_channels") or 3
+            shape = (channels, ns.input_size, ns.input_size)
+        else:   # the size is not stored: the dataset says it (loaded once, as `tandem eval` does)
+            data = _dataset_of(path, meta, ns.data_root)
+            shape = (data.in_channels, *data.image_size)
+    else:
+        model = create_model(ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels or 3)
+        shape = (ns.in_channels or 3, ns.input_size or 32, ns.input_size or 32)
+    report = cost.profile(model, shape, w_bits=ns.w_bits, a_bits=ns.a_bits, first_last_bits=ns.first_last_bits)
     print(json.dumps(report.to_dict(), indent=2) if ns.json else report.table())
     return 0
 
@@ -181,7 +267,7 @@ def listings() -> dict[str, list[str]]:
     from .quant import list_quantizers
 
     return {"models": list_models(), "datasets": list_datasets(), "methods": list_methods(),
-            "pruning criteria": list_criteria(), "quantizers": list_quantizers()}
+            "pruning criteria": list_criteria(), "quantizers": list_quantizers(), "recipes": bundled_recipes()}
 
 
 def cmd_list(ns) -> int:
@@ -191,8 +277,9 @@ def cmd_list(ns) -> int:
 
 
 def cmd_eval(ns) -> int:
-    from .data import BatchLoader, load_dataset
-    from .engine import evaluate, load_model, resolve_device
+    """Test top-1 of every model of a run folder, of one model file or of a packed export."""
+    from .data import BatchLoader
+    from .engine import evaluate, resolve_device
 
     target = Path(ns.checkpoint)
     files = sorted((target / "models").glob("*.safetensors")) if target.is_dir() else [target]
@@ -201,20 +288,14 @@ def cmd_eval(ns) -> int:
     device = resolve_device(ns.device)
     cache = {}
     for path in files:
-        model, meta = load_model(path)
-        spec = meta.get("dataset") or {}
-        if not spec:
-            raise TandemError(f"{path} does not say which dataset it was trained on; it was not written by a run")
-        root = ns.data_root or spec.get("root")
-        key = (spec["name"], root)
+        model, meta = _load_model_file(path)
+        key = json.dumps([meta.get("dataset"), meta.get("seed")], sort_keys=True)
         if key not in cache:
-            cache[key] = load_dataset(spec["name"], root, val_fraction=spec.get("val_fraction", 0.1),
-                                      seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
-                                      test_limit=spec.get("test_limit"), **spec.get("options", {}))
+            cache[key] = _dataset_of(path, meta, ns.data_root)
         data = cache[key]
         loader = BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device=device)
         result = evaluate(model.to(device), loader)
-        print(f"{path.name}: test top-1 {result['top1']:.2f}% on {result['n']} images of {spec['name']}")
+        print(f"{path.name}: test top-1 {result['top1']:.2f}% on {result['n']} images of {meta['dataset']['name']}")
     return 0
 
 
@@ -225,13 +306,26 @@ def cmd_export(ns) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's own where tandem is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tandem")
+    except PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="Prune, quantize and distill CNNs together.")
+    p.add_argument("--version", action="version", version=f"tandem {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a recipe (no recipe: the default job on digits)")
     r.add_argument("args", nargs="*", metavar="RECIPE | key=value",
-                   help="a recipe YAML, then overrides such as train.epochs=5")
+                   help="a recipe YAML (or a bundled recipe's name: tandem list), then overrides such as "
+                        "train.epochs=5")
     r.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--nproc", type=int, default=0,
@@ -240,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run once per seed, each a normal run folder OUT/seed<N>/ (resumable), then "
                         "OUT/summary.{json,md,png}: mean, std and 95%% interval of test top-1 per row, and each "
                         "method minus its control paired by seed; put key=value overrides before --seeds")
+    r.add_argument("--threads", metavar="N", help="torch threads per process (torch.set_num_threads), "
+                                                  "set before any work")
     r.set_defaults(fn=cmd_run)
 
     g = sub.add_parser("grid", help="pruners x quantizers, each pair trained by mutual learning and "
@@ -252,17 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", nargs="+", metavar="N",
                    help="one whole grid per seed in OUT/seed<N>/, then OUT/summary.{json,md,png} over the seeds "
                         "(each control counted once: one per pruner, one per quantizer); run again to resume")
+    g.add_argument("--threads", metavar="N", help="torch threads per process (torch.set_num_threads), "
+                                                  "set before any work")
     g.set_defaults(fn=cmd_grid)
 
     pr = sub.add_parser("profile", help="per-layer and total params, MACs, BOPs and bytes of a model")
-    pr.add_argument("model")
-    pr.add_argument("--input-size", type=int, default=32)
-    pr.add_argument("--in-channels", type=int, default=3)
+    pr.add_argument("model", help="a registered model's name, or a model file (models/*.safetensors, or a packed "
+                                  "export): profiled as trained, at its dataset's input size and its layers' bits")
+    pr.add_argument("--input-size", type=int, default=None, help="default 32; a model file: its dataset's size")
+    pr.add_argument("--in-channels", type=int, default=None, help="default 3; a model file: its own")
     pr.add_argument("--num-classes", type=int, default=10)
     pr.add_argument("--w-bits", type=int, default=32)
     pr.add_argument("--a-bits", type=int, default=32)
     pr.add_argument("--first-last-bits", type=int, default=None,
                     help="bits of the first conv and last linear layer (default: same as the others)")
+    pr.add_argument("--data-root", help="a model file's dataset location, if it moved since training")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=cmd_profile)
 
@@ -270,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_list)
 
     ev = sub.add_parser("eval", help="test accuracy of a saved model file or of every model in a run folder")
-    ev.add_argument("checkpoint", help="a models/*.safetensors file or a run folder")
+    ev.add_argument("checkpoint", help="a models/*.safetensors file, a packed export (export/*.packed.safetensors) "
+                                       "or a run folder")
     ev.add_argument("--data-root", help="dataset location, if it moved since training")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(fn=cmd_eval)

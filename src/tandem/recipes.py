@@ -259,9 +259,14 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A recipe file; a bare name that is no file here is looked up among the recipes shipped
+    with tandem (`tandem run digits-qat`), so an installed tandem runs them from any folder."""
     path = Path(path)
+    if not path.is_file() and len(path.parts) == 1:
+        bundled = Path(__file__).with_name("bundled_recipes") / path.name
+        path = next((p for p in (bundled, bundled.with_name(f"{bundled.name}.yaml")) if p.is_file()), path)
     if not path.is_file():
-        raise RecipeError(f"recipe error: recipe file {path} not found")
+        raise RecipeError(f"recipe error: recipe file {path} not found (`tandem list` names the bundled recipes)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
