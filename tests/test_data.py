@@ -810,3 +810,10 @@ def test_fashion_mnist_augmentation_options_and_mnist_has_no_flip(tmp_path):
         load_dataset("mnist", tmp_path / "m", hflip=True)         # a flip changes a digit
     with pytest.raises(DataError, match="fashion-mnist: option crop_padding"):
         load_dataset("fashion-mnist", tmp_path / "m", crop_padding=-1)
+
+
+def test_a_relative_root_that_does_not_exist_names_where_it_was_looked_for(tmp_path, monkeypatch, refused):
+    monkeypatch.chdir(tmp_path)
+    refused(["dataset=mnist", "train.epochs=1"],
+            [(["dataset.root=no/such/dir"], f"root no/such/dir does not exist (resolved to {tmp_path}/no/such/dir "
+                                            f"from the current directory {tmp_path})")])

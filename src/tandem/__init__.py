@@ -3,6 +3,7 @@ from .errors import CheckpointError, DataError, RecipeError, TandemError
 from .models import create_model, list_models
 from .quant import quantize_  # also registers the "quantize" model-file transform for load_model
 from . import prune  # noqa: E402  a callable package: tandem.prune(model, example_input, ...)
+from .api import Compressed, compress
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,4 @@ def run(recipe=None, out=None, resume: bool = False, **overrides):
     return _run(recipe, out, resume=resume)
 
 
-__all__ = ["create_model", "list_models", "run", "quantize_", "prune", "TandemError", "RecipeError", "DataError", "CheckpointError"]
+__all__ = ["compress", "Compressed", "create_model", "list_models", "run", "quantize_", "prune", "TandemError", "RecipeError", "DataError", "CheckpointError"]

@@ -117,7 +117,9 @@ def run_grid(recipe_path: str | None = None, pruners=DEFAULT_PRUNERS, quantizers
     ms = recipe.mutual
     scratch = ms is not None and ms.init == "scratch" and ms.kd_weight == 0   # no pretrained model used
     if not checkpoint and not scratch:
-        base = load_recipe(recipe_path, overrides + ["method=baseline"])
+        from .methods import SECTIONS   # the baseline reads none of the methods' sections
+        base = load_recipe(recipe_path, [o for o in overrides if o.split("=")[0].split(".")[0] not in SECTIONS]
+                           + ["method=baseline"])
         run_folder(out / "baseline", base, log=log)
         checkpoint = str((out / "baseline" / "models" / "baseline.safetensors").resolve())
 

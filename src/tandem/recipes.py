@@ -40,8 +40,11 @@ class Named(Section):
 
 
 class ArchSpec(Named):
-    """A registered model: its name, widths and options (the model section, a teacher)."""
+    """A model (the model section, a teacher): a registered one by `name` (with widths and
+    options), or the user's own by `factory` ('package.module:function', called with
+    num_classes and in_channels where it takes them, and `options`)."""
     name: str = "small_cnn"
+    factory: Optional[str] = None
     widths: Optional[list[int]] = None
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -49,7 +52,27 @@ class ArchSpec(Named):
     @classmethod
     def _known_model(cls, v: str) -> str:
         from .models import list_models
-        return one_of(v, list_models(), "model")
+        from .models.registry import is_factory
+        return v if is_factory(v) else one_of(v, list_models(), "model")
+
+    @model_validator(mode="after")
+    def _factory(self):
+        """A factory model is named by its factory (so name and factory agree once written)."""
+        from .models.registry import is_factory
+        if self.factory is None and is_factory(self.name):
+            object.__setattr__(self, "factory", self.name)
+        if self.factory is None:
+            return self
+        if not is_factory(self.factory):
+            raise ValueError(f"factory {self.factory!r}: write it as 'package.module:function'")
+        if "name" in self.model_fields_set and self.name != self.factory:
+            raise ValueError(f"name {self.name!r} and factory {self.factory!r} both given: name picks a registered "
+                             f"model, factory builds your own; give one")
+        if self.widths is not None:
+            raise ValueError("widths set the layers of a registered model; a factory builds its own architecture "
+                             "(give its options instead)")
+        object.__setattr__(self, "name", self.factory)
+        return self
 
 
 class ModelSpec(ArchSpec):
@@ -128,6 +151,11 @@ DEFAULT_JOB_SECTIONS = {"prune": {"criterion": "l1", "macs_target": 0.06},
                         "quant": {"method": "lsq", "w_bits": 2, "a_bits": 2, "first_last": "same"}}
 
 
+def _readers() -> dict[str, tuple[str, ...]]:
+    from .methods import SECTIONS_USED
+    return SECTIONS_USED
+
+
 def method_sections() -> dict[str, type[BaseModel]]:
     """{section name: its pydantic model}: the sections the registered methods own
     (prune, quant, mutual, distill, pdd, ...; tandem.methods.register_section)."""
@@ -166,6 +194,16 @@ class Recipe(Section):
                     extra[key] = known[key].model_validate(value)
                 except ValidationError as exc:
                     raise RecipeError(" ".join(_format_error(exc, value, prefix=(key,)).split())) from None
+        from .methods import sections_used
+        used = sections_used(self.methods)
+        for key, value in extra.items():
+            if value is not None and key not in used:
+                readers = [m for m, secs in _readers().items() if key in secs]
+                raise RecipeError(f"recipe error: {key}: no method of this recipe ({', '.join(self.methods)}) reads "
+                                  f"it, so it would have no effect (read by: {', '.join(readers) or 'none'}); drop it")
+        for key in used:   # what ran is what the record says: the defaults of every section read
+            if extra.get(key) is None:
+                extra[key] = known[key]()
         ordered = {key: extra.get(key) for key in known}   # one order, however the file listed them
         extra.clear()
         extra.update(ordered)
@@ -228,7 +266,7 @@ def _format_error(exc: ValidationError, raw: dict, prefix: tuple = ()) -> str:
     return f"recipe error: {key} = {value!r}: {msg}"
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     parts = dotted.split(".")
     for p in parts[:-1]:
@@ -303,7 +341,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     raw = read_yaml(path) if path else {k: dict(v) for k, v in DEFAULT_JOB_SECTIONS.items()}
     given = parse_overrides(list(overrides))
     for key, value in given:
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
+    overridden = {k.split(".")[0] for k, _ in given}
+    if not path or "method" in overridden:
+        # sections written for other methods (the default job's, or the file's before `method=`
+        # replaced its methods) are dropped; a section given here for no method is refused
+        from .methods import SECTIONS, sections_used
+        methods = raw.get("method", DEFAULT_JOB)
+        used = sections_used([methods] if isinstance(methods, str) else methods or [])
+        for key in SECTIONS.names():
+            if key not in used and key not in overridden:
+                raw.pop(key, None)
     if not path and "prune.ratio" in dict(given) and isinstance(raw.get("prune"), dict):
         raw["prune"].pop("macs_target", None)   # the user's ratio replaces the default job's target
     recipe = validate(raw)
@@ -341,4 +389,10 @@ def same_recipe(saved: str | Path, recipe: Recipe) -> bool:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The recipe as YAML, every section its methods read resolved (defaults included); the
+    sections no method reads are left out."""
+    data = recipe.model_dump(mode="json")
+    for key in method_sections():
+        if data.get(key) is None:
+            data.pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -8,6 +8,7 @@ Under torchrun every rank runs all of this; only rank 0 writes files (see engine
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from datetime import datetime
@@ -27,8 +28,13 @@ from .recipes import Recipe, changed_keys, dump_recipe
 
 
 class RunContext:
-    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool = False):
+    """What a method works with: the recipe, the data, the starting model, the run folder.
+    `data` (DataSplits) and `model` (a trained nn.Module) come from `tandem.compress`: then
+    no dataset is loaded and `model` is the full-precision start instead of a baseline."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool = False, data=None, model=None):
         self.recipe = recipe
+        self.user_model = model
         self.out_dir = Path(out_dir)
         self.resume = resume
         self.dist = distributed.info()
@@ -40,7 +46,9 @@ class RunContext:
                               f"number of processes ({self.dist.world_size}); it is the global batch")
         # rank 0 loads first, so a dataset that builds a decode cache builds it once
         for turn in (True, False):
-            if self.dist.is_main == turn:
+            if data is not None:
+                self.data = data
+            elif self.dist.is_main == turn:
                 self.data = load_dataset(recipe.dataset.name, recipe.dataset.root,
                                          val_fraction=recipe.dataset.val_fraction,
                                          seed=recipe.dataset.split_seed,
@@ -52,6 +60,7 @@ class RunContext:
                               f"options; {_augment_hint(recipe.dataset.name)}")
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.dist.is_main else None)
         self.results: list[dict] = []
+        self.models: dict[str, torch.nn.Module] = {}   # row name -> the recorded network
         self._pretrained: torch.nn.Module | None = None
         self._checkpoint_net: torch.nn.Module | None = None
 
@@ -76,7 +85,12 @@ class RunContext:
 
     # ---- building blocks for methods --------------------------------------------------------
     def create_model(self, **overrides) -> torch.nn.Module:
+        """A freshly initialised recipe model (`overrides`: another model, e.g. a teacher)."""
         from .models import create_model
+        from .models.registry import reinitialised
+        if self.user_model is not None and not overrides:
+            torch.manual_seed(self.recipe.seed)
+            return reinitialised(self.user_model)
         spec = self.recipe.model
         kwargs = dict(name=spec.name, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                       widths=spec.widths, **spec.options)
@@ -90,7 +104,9 @@ class RunContext:
         methods copy it before changing it."""
         if self._pretrained is None:
             ckpt, val_top1 = self.recipe.model.checkpoint, None
-            if ckpt:
+            if self.user_model is not None:
+                net = copy.deepcopy(self.user_model).to(self.device)
+            elif ckpt:
                 net = self.checkpoint_model()
             else:
                 net = self.create_model()
@@ -174,7 +190,8 @@ class RunContext:
         model_file = self.out_dir / "models" / f"{name.replace('/', '-')}.safetensors"   # 'mutual/pruned': one folder
         if self.dist.is_main:
             save_model(net, model_file, dataset=self.recipe.dataset.model_dump(mode="json"),
-                       mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed)
+                       mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed,
+                       input_size=list(self.input_size))
         row = {"name": name, "stage": stage or name, "top1": test["top1"], "val_top1": val_top1,
                "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
                "w_bits": w_bits, "a_bits": a_bits, "model_file": str(model_file.relative_to(self.out_dir))}
@@ -182,6 +199,7 @@ class RunContext:
         if control:
             row["control"] = control
         self.results.append(row)
+        self.models[name] = net
         return row
 
 
@@ -212,6 +230,13 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
 
     The recipe's methods (one, or a list) run in turn on one RunContext, sharing its baseline.
     Under torchrun this joins the process group and trains with DDP on every rank."""
+    return execute(recipe, out, resume)[0]
+
+
+def execute(recipe: Recipe, out: str | Path | None = None, resume: bool = False, *, data=None,
+            model=None) -> tuple[dict, RunContext]:
+    """`run`, also returning the RunContext (its `models`: the recorded networks); `data` and
+    `model`: a user's own (see RunContext)."""
     from .methods import get_method, preflight
     from .report import write_report
 
@@ -230,9 +255,11 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
                               f"{', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} (to change them, start a "
                               f"new run with another --out)")
     start = time.perf_counter()
-    ctx = RunContext(recipe, out_dir, resume=resume)   # loads data before anything is written
+    ctx = RunContext(recipe, out_dir, resume=resume, data=data, model=model)   # data before any file
     if recipe.model.checkpoint:
         ctx.checkpoint_model()
+    elif model is None:
+        ctx.create_model()   # a model that cannot be built (a bad factory) stops before the run folder exists
     preflight(ctx, steps)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,4 +279,4 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False) -> 
                "test_images": len(ctx.data.test)}   # report.md derives the standard error from it
     if dist_info.is_main:
         write_report(out_dir, results)
-    return results
+    return results, ctx

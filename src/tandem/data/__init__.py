@@ -24,7 +24,7 @@ from .loader import BatchLoader, epoch_seed
 from .registry import dataset_options, dataset_summary, list_datasets, load_dataset, register_dataset
 
 # Importing the loaders registers them.
-from . import digits, synthetic, idx, cifar_pickle, image_folder, tiny_imagenet  # noqa: E402,F401  isort: skip
+from . import digits, synthetic, idx, cifar_pickle, image_folder, tiny_imagenet, in_memory  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Augment",

@@ -32,14 +32,16 @@ __all__ = [
 
 @dataclass
 class ImageSet:
-    """Images as a contiguous uint8 ``N x C x H x W`` tensor and int64 labels of length N."""
+    """Images as a contiguous uint8 ``N x C x H x W`` tensor and int64 labels of length N; or
+    float32 images a user's own Dataset already normalised (``tandem.compress``), which loaders
+    pass on unchanged (mean 0, std 1)."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8:
-            raise TypeError("ImageSet.images must be a torch.uint8 tensor")
+        if not isinstance(self.images, torch.Tensor) or self.images.dtype not in (torch.uint8, torch.float32):
+            raise TypeError("ImageSet.images must be a torch.uint8 (or already normalised float32) tensor")
         if self.images.dim() != 4:
             raise ValueError(f"ImageSet.images must be N x C x H x W, got shape {tuple(self.images.shape)}")
         if not isinstance(self.labels, torch.Tensor):

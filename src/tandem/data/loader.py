@@ -98,8 +98,9 @@ class BatchLoader:
         self.images = imageset.images.to(self.device)
         self.labels = imageset.labels.to(self.device)
         self.device = self.images.device  # resolved, e.g. cuda -> cuda:0
-        # (x / 255 - mean) / std  ==  x * scale + shift
-        self._scale = (1.0 / (255.0 * std_t)).view(1, channels, 1, 1).to(self.device)
+        # (x / 255 - mean) / std  ==  x * scale + shift (float images: (x - mean) / std)
+        pixel = 255.0 if imageset.images.dtype == torch.uint8 else 1.0
+        self._scale = (1.0 / (pixel * std_t)).view(1, channels, 1, 1).to(self.device)
         self._shift = (-mean_t / std_t).view(1, channels, 1, 1).to(self.device)
 
     def set_epoch(self, epoch: int) -> None:

@@ -113,6 +113,9 @@ def load_dataset(
     if root is None and entry.needs_root:
         raise DataError(f"{entry.name}: needs a root (the folder or file holding the dataset); none was given")
     root_path = Path(root).expanduser() if root is not None else None
+    if root_path is not None and not root_path.exists():
+        where = "" if root_path.is_absolute() else f" (resolved to {root_path.resolve()} from the current directory {Path.cwd()})"
+        raise DataError(f"{entry.name}: root {root} does not exist{where}")
     source = entry.fn(root_path, **options)
     source = limit_source(entry.name, source, train_limit, test_limit)
     return make_splits(entry.name, source, val_fraction=val_fraction, seed=seed)

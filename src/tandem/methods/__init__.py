@@ -10,9 +10,26 @@ from ..registry import Registry
 METHODS = Registry("method")
 SECTIONS = Registry("recipe section")   # name -> pydantic model of `name:` in a recipe
 
-register_method = METHODS.register
+SECTIONS_USED: dict[str, tuple[str, ...]] = {}   # method -> the recipe sections it reads
+
 get_method = METHODS.get
 list_methods = METHODS.names
+
+
+def register_method(name: str, sections: tuple[str, ...] = ()):
+    """Register `method(ctx)` under `name`; `sections`: the recipe sections it reads (a recipe
+    records them with their defaults, and refuses a section none of its methods reads)."""
+    SECTIONS_USED[name] = tuple(sections)
+    return METHODS.register(name)
+
+
+def sections_used(methods) -> dict[str, list[str]]:
+    """{section: the methods among `methods` that read it}."""
+    used: dict[str, list[str]] = {}
+    for m in methods:
+        for section in SECTIONS_USED.get(m, ()):
+            used.setdefault(section, []).append(m)
+    return used
 
 
 def preflight(ctx, methods) -> None:
@@ -37,11 +54,23 @@ def traced_graph(ctx, method: str, what: str = "the model"):
     one line naming the method and the model (preflight of the methods that prune)."""
     from ..prune import ChannelGraph
     from ..errors import TandemError
-    model = ctx.create_model().to(ctx.device)
+    if ctx.recipe.model.checkpoint:
+        model = ctx.checkpoint_model()
+    else:
+        model = (ctx.user_model or ctx.create_model()).to(ctx.device)
     try:
         return ChannelGraph(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
     except TandemError as exc:
         raise TandemError(f"{method}: {what} {ctx.recipe.model.name!r}: {exc}") from None
+
+
+def channel_pruning_preflight(method: str):
+    """The preflight of a method that prunes with the `prune:` section: unless it prunes single
+    weights (magnitude), the model must trace, before the run folder is written."""
+    def check(ctx) -> None:
+        if ctx.recipe.prune is not None and ctx.recipe.prune.criterion != "magnitude":
+            traced_graph(ctx, method)
+    return check
 
 
 def register_section(name: str, spec) -> None:

@@ -30,7 +30,7 @@ from ..errors import RecipeError
 from ..prune import PruneSpec
 from ..prune.spec import default_scope
 from ..quant import QuantSpec
-from . import best_val, register_method, register_section
+from . import best_val, channel_pruning_preflight, register_method, register_section
 from .prune import PrunedNet, build_pruned
 from .quantize import build_quantized
 
@@ -122,7 +122,7 @@ def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> N
     ctx.record(f"{method}/quantized", q, best_val(best, "quantized"), stage=f"{method}-joint", control=control("quantized"))
 
 
-@register_method("mutual")
+@register_method("mutual", sections=("prune", "quant", "mutual"))
 def mutual(ctx) -> None:
     ms = mutual_spec(ctx)
     p, q = build_peers(ctx)
@@ -144,7 +144,7 @@ def mutual(ctx) -> None:
     _record_peers(ctx, "mutual", p, q, best)
 
 
-@register_method("independent")
+@register_method("independent", sections=("prune", "quant", "mutual"))
 def independent(ctx) -> None:
     """The control: the same P and Q, same data, epochs, schedule, lr and seed, each trained
     with cross-entropy alone (one stage, own optimisers: no term couples them)."""
@@ -152,3 +152,7 @@ def independent(ctx) -> None:
     cfg = joint_cfg(ctx)
     best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=p.callbacks)
     _record_peers(ctx, "independent", p, q, best)
+
+
+mutual.preflight = channel_pruning_preflight("mutual")
+independent.preflight = channel_pruning_preflight("independent")

@@ -206,7 +206,7 @@ def _reductions(row: dict, student: dict) -> dict:
     return row
 
 
-@register_method("pdd")
+@register_method("pdd", sections=("pdd",))
 def pdd(ctx) -> None:
     spec = pdd_spec(ctx)
     teacher = _teacher(ctx, spec)

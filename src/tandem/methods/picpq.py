@@ -298,7 +298,7 @@ def _preflight(ctx) -> None:
     max_bits_of(picpq_spec(ctx), ctx.recipe.model.name, list(graph.layers))
 
 
-@register_method("picpq")
+@register_method("picpq", sections=("picpq",))
 def picpq(ctx) -> None:
     spec = picpq_spec(ctx)
     base = ctx.pretrained()

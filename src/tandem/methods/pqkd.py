@@ -27,7 +27,7 @@ from ..distill.spec import DistillSpec
 from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
 from ..quant import QUANT_LAYERS, QuantSpec, calibrate, quantize_
-from . import best_val, register_method, register_section
+from . import best_val, channel_pruning_preflight, register_method, register_section
 from .prune import build_pruned, finetune_cfg
 
 register_section("distill", DistillSpec)
@@ -66,7 +66,7 @@ def _control(ctx, spec: DistillSpec) -> bool:
     return spec.control if spec.control is not None else ctx.recipe.protocol != "paper"
 
 
-@register_method("pqkd")
+@register_method("pqkd", sections=("prune", "quant", "distill"))
 def pqkd(ctx) -> None:
     pspec = ctx.recipe.prune or PruneSpec()
     qspec = ctx.recipe.quant or QuantSpec()   # defaults: LSQ W4A4, first/last layer 8 bits
@@ -114,3 +114,6 @@ def pqkd(ctx) -> None:
         row["gain_over_quantized"] = row["top1"] - quantized["top1"]
     if "no-kd" in rows:
         rows["distilled"]["gain_over_no_kd"] = rows["distilled"]["top1"] - rows["no-kd"]["top1"]
+
+
+pqkd.preflight = channel_pruning_preflight("pqkd")

@@ -29,7 +29,7 @@ def build_quantized(ctx, spec: QuantSpec, base=None):
     return net
 
 
-@register_method("quantize")
+@register_method("quantize", sections=("quant",))
 def quantize(ctx) -> None:
     spec = ctx.recipe.quant or QuantSpec()   # no quant: section: the defaults (LSQ W4A4)
     net = build_quantized(ctx, spec)

@@ -276,7 +276,7 @@ def _preflight(ctx) -> None:
     check_group_size(graph, channel_groups(graph, spec.channels), spec.group_size)
 
 
-@register_method("sbs")
+@register_method("sbs", sections=("sbs",))
 def sbs(ctx) -> None:
     spec = sbs_spec(ctx)
     base = ctx.pretrained()

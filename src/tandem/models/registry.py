@@ -7,6 +7,7 @@ saved as that config plus a state_dict and rebuilt later without its original de
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import numbers
@@ -172,6 +173,16 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, widths=
         "kwargs": options,
     }
     return model
+
+
+def reinitialised(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every submodule's own `reset_parameters()` applied: a user's
+    model started again from scratch, without calling its constructor."""
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
 
 
 def model_config(model: nn.Module) -> dict:
