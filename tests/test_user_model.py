@@ -152,6 +152,8 @@ def test_every_method_on_a_model_object_from_python(tmp_path):
     assert proc.returncode == 0 and proc.stdout.split() == ["UserNet", "[1,", "8,", "8]"], proc.stderr
     proc = _fresh("eval", str(result.out / row["model_file"]))
     assert proc.returncode == 2 and "tandem.compress" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = _fresh("profile", str(result.out / row["model_file"]), "--json")   # its recorded input size
+    assert proc.returncode == 0 and json.loads(proc.stdout)["bops"] == row["bops"], proc.stderr
 
 
 def test_state_dicts_in_usual_wrappers_load_and_a_mismatch_is_named(tmp_path, weights, refused, monkeypatch):

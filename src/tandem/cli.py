@@ -194,9 +194,8 @@ def cmd_grid(ns) -> int:
 
 
 def _load_model_file(path: Path) -> tuple:
-    """(model, metadata) of a model file or of a packed export (`*.packed.safetensors`). A packed
-    file does not record its dataset: that comes from the model file it was exported from,
-    RUN_DIR/models/NAME.safetensors beside RUN_DIR/export/NAME.packed.safetensors."""
+    """(model, metadata) of a model file or of a packed export (`*.packed.safetensors`, which
+    keeps its model file's dataset record)."""
     from .engine import load_model
 
     if not path.name.endswith(".packed.safetensors"):
@@ -207,30 +206,17 @@ def _load_model_file(path: Path) -> tuple:
     try:
         model = load_packed(path)
         with safe_open(str(path), framework="pt") as f:
-            own = f.metadata() or {}
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a packed model file ({exc})") from None
-    if "dataset" in own:
-        return model, {"dataset": json.loads(own["dataset"])}
-    source = path.parent.parent / "models" / path.name.replace(".packed.safetensors", ".safetensors")
-    if not source.is_file():
-        raise CheckpointError(f"{path} is a packed export, which does not record its dataset, and {source} (the "
-                              f"model it came from, which does) is not there; keep the export in its run folder")
-    with safe_open(str(source), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    if "dataset" not in meta:
+        raise CheckpointError(f"{path} does not record its dataset (exported by an older tandem); export it again")
     return model, meta
 
 
 def _dataset_of(path: Path, meta: dict, data_root=None):
-    """The dataset a model file was trained on, re-created as its run made it (test split included)."""
-    from .data import load_dataset
-
-    spec = meta.get("dataset") or {}
-    if not spec:
-        raise TandemError(f"{path} does not say which dataset it was trained on; it was not written by a run")
-    return load_dataset(spec["name"], data_root or spec.get("root"), val_fraction=spec.get("val_fraction", 0.1),
-                        seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
-                        test_limit=spec.get("test_limit"), **spec.get("options", {}))
+    from .data import dataset_of
+    return dataset_of(meta, data_root, source=str(path))
 
 
 def cmd_profile(ns) -> int:
@@ -245,7 +231,9 @@ def cmd_profile(ns) -> int:
         if ns.input_size is not None:
             channels = ns.in_channels or (meta.get("config") or {}).get("in_channels") or 3
             shape = (channels, ns.input_size, ns.input_size)
-        else:   # the size is not stored: the dataset says it (loaded once, as `tandem eval` does)
+        elif meta.get("input_size"):   # recorded by the run that saved it
+            shape = tuple(meta["input_size"])
+        else:   # an older file: its dataset says the size
             data = _dataset_of(path, meta, ns.data_root)
             shape = (data.in_channels, *data.image_size)
     else:

@@ -21,7 +21,7 @@ User mistakes (unknown names/options, missing or corrupt files) raise
 from .augment import Augment, augment_batch
 from .core import DataSplits, ImageSet, SourceData, channel_stats, make_splits, stratified_split
 from .loader import BatchLoader, epoch_seed
-from .registry import dataset_options, dataset_summary, list_datasets, load_dataset, register_dataset
+from .registry import dataset_of, dataset_options, dataset_summary, list_datasets, load_dataset, register_dataset
 
 # Importing the loaders registers them.
 from . import digits, synthetic, idx, cifar_pickle, image_folder, tiny_imagenet, in_memory  # noqa: E402,F401  isort: skip

@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..registry import Registry
 from .core import DataSplits, SourceData, limit_source, make_splits
 
-__all__ = ["register_dataset", "list_datasets", "load_dataset", "dataset_options", "dataset_summary"]
+__all__ = ["register_dataset", "list_datasets", "load_dataset", "dataset_of", "dataset_options", "dataset_summary"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,14 @@ def load_dataset(
     source = entry.fn(root_path, **options)
     source = limit_source(entry.name, source, train_limit, test_limit)
     return make_splits(entry.name, source, val_fraction=val_fraction, seed=seed)
+
+
+def dataset_of(meta: dict, data_root=None, source: str = "the model file") -> DataSplits:
+    """The dataset a model file's metadata records, split as its run split it (its test split
+    is the one the run measured); `data_root` where the data moved since."""
+    spec = meta.get("dataset") or {}
+    if not spec:
+        raise DataError(f"{source} does not say which dataset it was trained on; it was not written by a run")
+    return load_dataset(spec["name"], data_root or spec.get("root"), val_fraction=spec.get("val_fraction", 0.1),
+                        seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
+                        test_limit=spec.get("test_limit"), **spec.get("options", {}))

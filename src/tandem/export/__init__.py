@@ -17,19 +17,14 @@ from .onnx import OnnxExport, export_onnx, int_grid, onnx_agreement, ort_session
 from .packed import load_packed, pack_bits, save_packed, unpack_bits
 
 FORMATS = ("onnx", "safetensors")
+RECORD = ("dataset", "seed", "mean", "std", "input_size")   # what a packed file keeps of its model file's record
 
 
 def _test_data(meta: dict, data_root, cache: dict):
-    from ..data import BatchLoader, load_dataset
-    spec = meta.get("dataset") or {}
-    if not spec:
-        raise TandemError("the model file does not say which dataset it was trained on; it was not written by a run")
-    root = data_root or spec.get("root")
-    key = (spec["name"], root)
+    from ..data import BatchLoader, dataset_of
+    key = json.dumps([meta.get("dataset"), meta.get("seed"), data_root], sort_keys=True)
     if key not in cache:
-        data = load_dataset(spec["name"], root, val_fraction=spec.get("val_fraction", 0.1),
-                            seed=spec.get("split_seed", meta.get("seed", 0)), train_limit=spec.get("train_limit"),
-                            test_limit=spec.get("test_limit"), **spec.get("options", {}))
+        data = dataset_of(meta, data_root)
         cache[key] = (data, BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device="cpu"))
     return cache[key]
 
@@ -65,7 +60,7 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print) -> lis
                 f"{check['top1_torch']:.2f}%, same prediction on {check['agreement']:.2f}% of {check['n']} test images")
         else:
             file = out / f"{path.stem}.packed.safetensors"
-            info = save_packed(model, file)
+            info = save_packed(model, file, **{k: meta[k] for k in RECORD if k in meta})
             back = load_packed(file).eval()
             x = next(iter(loader))[0][:256]
             with torch.no_grad():

@@ -68,8 +68,9 @@ def _param_shapes(wq, weight) -> dict:
     return {k: tuple(v.shape) for k, v in params.items() if k != "nonzero"}
 
 
-def save_packed(model: nn.Module, path) -> dict:
-    """Write `model` with packed low-bit weights; returns {'path', 'bytes', 'packed_layers'}."""
+def save_packed(model: nn.Module, path, **metadata) -> dict:
+    """Write `model` with packed low-bit weights and `metadata` (JSON, e.g. its dataset record);
+    returns {'path', 'bytes', 'packed_layers'}."""
     path = Path(path)
     codes_parts, grid_parts, names, masked = [], [], set(), []
     for i, (name, layer, wq) in enumerate(_packed_layers(model)):
@@ -92,7 +93,8 @@ def save_packed(model: nn.Module, path) -> dict:
                "floats": cat(floats, torch.float32), "ints": ints.to(torch.int32)}
     compact = lambda v: json.dumps(v, separators=(",", ":"))
     meta = {"format": FORMAT, "config": compact(getattr(model, "config", None)),
-            "transforms": compact(getattr(model, "tandem_transforms", [])), "masked": compact(masked)}
+            "transforms": compact(getattr(model, "tandem_transforms", [])), "masked": compact(masked),
+            **{k: compact(v) for k, v in metadata.items()}}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return {"path": str(path), "bytes": path.stat().st_size, "packed_layers": len(names)}
 
