@@ -180,3 +180,16 @@ def test_run_refuses_key_and_value_apart_and_bad_threads(refused):
                  (["nosuch.yaml", "train.epochs=1"], "recipe file nosuch.yaml not found"),
                  (["method=baseline", "--threads", "0"], "--threads 0: must be a whole number >= 1"),
                  (["method=baseline", "--threads", "two"], "--threads two")])
+
+
+def test_train_threads_sets_torchs_threads_and_must_agree_with_the_option(tmp_path, refused):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["run", "method=baseline", "train.threads=1", "train.epochs=1", "train.progress=false",
+                     "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 1
+        refused(["method=baseline", "train.threads=1"], [(["--threads", "2"], "--threads 2 and train.threads = 1 disagree")])
+    finally:
+        torch.set_num_threads(before)

@@ -49,6 +49,11 @@ def _set_threads(ns) -> None:
     torch.set_num_threads(threads)
 
 
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def _launch_torchrun(ns, argv: list[str]) -> int:
     """`tandem run --nproc N ...` = `torchrun --nproc_per_node=N -m tandem.cli run ...`."""
     import subprocess
@@ -147,6 +152,8 @@ def cmd_run(ns) -> int:
     if recipe_path is None and ns.resume and (Path(ns.out) / "recipe.yaml").exists():
         recipe_path = str(Path(ns.out) / "recipe.yaml")   # resume exactly what was started
     recipe = load_recipe(recipe_path, overrides)
+    if ns.threads is not None and recipe.train.threads and recipe.train.threads != torch_threads():
+        raise TandemError(f"--threads {ns.threads} and train.threads = {recipe.train.threads} disagree; give one")
     if seeds is not None:
         return _run_seeds(ns, recipe, recipe_path, overrides, seeds)
     if ns.nproc and ns.nproc > 1:   # check here what would fail in every rank, then launch

@@ -121,6 +121,7 @@ class TrainSpec(Section):
     amp: bool = True
     sync_bn: bool = True       # SyncBatchNorm under multi-GPU DDP (CUDA only; CPU ranks keep per-rank BN)
     progress: bool = True
+    threads: Optional[int] = Field(None, ge=1)   # torch intra-op threads per process (None: torch's default)
 
     def for_stage(self, epochs: Optional[int] = None, lr: Optional[float] = None) -> "TrainSpec":
         """This schedule with a stage's own epochs / lr where the method's section gives them."""

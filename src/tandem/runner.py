@@ -241,6 +241,8 @@ def execute(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
     from .report import write_report
 
     steps = [get_method(name) for name in recipe.methods]
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
     dist_info = distributed.init_distributed(recipe.device)
     out_dir = Path(out) if out else distributed.on_rank0(lambda: default_out_dir(recipe))
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
