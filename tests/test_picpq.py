@@ -27,7 +27,7 @@ def test_bit_rule_matches_hand_computed_values():
     assert assign_bits(0.3, 32, 1 / 6) == 32                    # float layers stay float
 
 
-def _toy(log=None, stop_at=None, seed=0, calls=None):
+def _toy(log=None, stop_at=None, seed=0, calls=None, progress=False):
     def initial(rng, i):
         return {"id": i, "x": rng.uniform(-10, 10)}
 
@@ -43,7 +43,7 @@ def _toy(log=None, stop_at=None, seed=0, calls=None):
         return (c["x"] - 3) ** 2
 
     return regularized_evolution(fitness, initial, mutate, evaluations=60, population=4, sample=2, seed=seed,
-                                 log=log, progress=False)
+                                 log=log, progress=progress)
 
 
 def test_evolution_is_seeded_ages_and_improves(tmp_path):
@@ -53,6 +53,13 @@ def test_evolution_is_seeded_ages_and_improves(tmp_path):
     assert _toy(seed=1)[0] != best
     initial = min(json.loads(line)["fitness"] for line in (tmp_path / "log.jsonl").read_text().splitlines()[:4])
     assert fit < 0.05 < initial                           # mutating the fittest moved towards x = 3
+
+
+def test_search_progress_in_a_log_is_a_line_per_5_percent(capsys):
+    _, fit = _toy(progress=True)   # stderr is not a terminal under pytest
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "search: 3/60 candidates, best fitness " + lines[0].rsplit(" ", 1)[1] and len(lines) == 20
+    assert lines[-1] == f"search: 60/60 candidates, best fitness {fit:.4f}" and "\r" not in "".join(lines)
 
 
 def test_interrupted_search_resumes_from_its_log_to_the_same_best(tmp_path):

@@ -125,7 +125,8 @@ def run_grid(recipe_path: str | None = None, pruners=DEFAULT_PRUNERS, quantizers
 
     cells, controls = [(p, q) for p in pruners for q in quantizers], control_cells(pruners, quantizers)
     done, base_row = {}, None
-    for p, q in tqdm(cells, desc="grid", unit="cell", disable=not progress, dynamic_ncols=True):
+    bar = progress and sys.stderr.isatty()   # a log file gets each cell's own lines, not the bar's codes
+    for p, q in tqdm(cells, desc="grid", unit="cell", disable=not bar, dynamic_ncols=True):
         methods = "[independent,mutual]" if (p, q) in controls else "[mutual]"
         cell = load_recipe(recipe_path, overrides + [
             f"method={methods}", f"prune.criterion={p}", f"prune.schedule={_schedule(recipe, p)}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,7 +39,9 @@ def regularized_evolution(fitness: Callable[[Candidate], float], initial: Callab
     rng = random.Random(seed)
     alive: deque = deque()
     best: tuple[Candidate, float] | None = None
-    bar = tqdm(total=evaluations, initial=0, desc="search", unit="cand", disable=not progress, dynamic_ncols=True)
+    lines = progress and not sys.stderr.isatty()   # a log file gets a line per 5% instead of the bar
+    bar = tqdm(total=evaluations, initial=0, desc="search", unit="cand", disable=not progress or lines,
+               dynamic_ncols=True)
     try:
         for g in range(evaluations):
             if g < population:
@@ -64,6 +67,8 @@ def regularized_evolution(fitness: Callable[[Candidate], float], initial: Callab
                 best = (cand, fit)
             bar.update()
             bar.set_postfix(best=f"{best[1]:.4f}", refresh=False)
+            if lines and ((g + 1) % max(1, evaluations // 20) == 0 or g + 1 == evaluations):
+                print(f"search: {g + 1}/{evaluations} candidates, best fitness {best[1]:.4f}", file=sys.stderr)
     finally:
         bar.close()
     return best
