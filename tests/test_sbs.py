@@ -118,6 +118,15 @@ def test_sbs_runs_end_to_end_and_exports(tmp_path, capsys, one_thread):
     assert main(["export", str(tmp_path / "run"), "--format", "safetensors"]) == 0
 
 
+def test_a_4bit_budget_is_the_uniform_4bit_controls_bops(tmp_path, one_thread):
+    args = ["method=sbs", "train.epochs=1", "sbs.search_epochs=1", "sbs.finetune_epochs=0", "sbs.group_size=2",
+            "sbs.bops_target=4bit", "sbs.bops_match=true", "sbs.controls=[uniform4]", "train.progress=false"]
+    assert main(["run", *args, "--out", str(tmp_path / "run")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())["models"]}
+    assert rows["sbs/compressed"]["bops_target_ratio"] == pytest.approx(rows["sbs/4bit"]["bops_ratio"])
+    assert "bops_target: 4bit" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
 def test_bad_input_one_line_exit_2(refused):
     refused(["method=sbs", "train.epochs=1", "train.progress=false"],
             [(["sbs.bits=[2,3]"], "2 does not divide 3"), (["sbs.bits=[2,16]"], "1..8"),
@@ -178,3 +187,19 @@ def test_the_one_node_input_quantizer_has_the_decompositions_gradients():
         torch.testing.assert_close(fast.gates.threshold.grad, ref.threshold.grad, atol=1e-4, rtol=1e-4)
         assert fast.gates.threshold.grad.abs().sum() > 0
         fast.gates.threshold.grad, ref.threshold.grad = None, None
+
+
+def test_a_matched_budget_pulls_bops_up_as_well_as_down(monkeypatch):
+    """Below the target the hinge is flat; bops_match pushes the BOPs back up to it."""
+    import tandem.methods.sbs as sbs_module
+    bops = torch.tensor(100.0, requires_grad=True)
+    monkeypatch.setattr(sbs_module, "differentiable_bops", lambda *a: bops)
+    out, y = {"net": torch.zeros(2, 3)}, torch.zeros(2, dtype=torch.long)
+    for match, grad_sign in ((False, 0), (True, -1)):
+        bops.grad = None
+        spec = sbs_module.SbsSpec(bops_target=0.5, bops_match=match)
+        sbs_module.sbs_objective(spec, None, None, None, 200.0)(out, y, None)["bops/net"].backward()
+        assert torch.sign(bops.grad).item() == grad_sign
+    with pytest.raises(ValueError, match="bops_match keeps the search at sbs.bops_target"):
+        sbs_module.SbsSpec(bops_match=True)
+    assert sbs_module.SbsSpec(bops_target="4bit").bops_target == "4bit"

@@ -15,7 +15,9 @@ methods.md §5; details from the earlier ABS version).
    clamped to [0, tau_max] so at most `max_prune_ratio` of a layer's groups can close; the
    weights' standardisation uses the kept filters only.
 3. Search (`sbs-search`): CE + lam log BOPs (or, with `bops_target`, lam max(0, log BOPs -
-   log(target x FP BOPs))), BOPs a function of the gates (MACs at the gated widths x expected
+   log target), target a fraction of the FP BOPs or `4bit`: the uniform 4-bit model's BOPs;
+   `bops_match` makes it lam |log BOPs - log target|, so the search ends near the budget and
+   compares with the controls at equal BOPs), BOPs a function of the gates (MACs at the gated widths x expected
    weight bits x expected input bits, per layer); thresholds without weight decay; weight- and
    input-bit thresholds on alternate steps, channel thresholds every step.
 4. Freeze: each layer keeps the bits its hard gates chose, closed channels are removed
@@ -30,12 +32,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import cost
 from ..errors import RecipeError, TandemError
@@ -57,7 +59,9 @@ class SbsSpec(BaseModel):
     channels: Literal["internal", "all", "none"] = "internal"   # which channel groups get 0-bit gates
     lam: float = Field(1.0, gt=0)                     # [UNKNOWN] the BOPs term's weight
     threshold_lr: Optional[float] = Field(None, gt=0)   # None: search_lr, as the code (all thresholds)
-    bops_target: Optional[float] = None               # fraction of the FP BOPs; None: lam log BOPs
+    # a fraction of the FP BOPs, or "4bit": the BOPs of the uniform 4-bit model (its control); None: lam log BOPs
+    bops_target: Optional[Union[float, Literal["4bit"]]] = None
+    bops_match: bool = False                          # [INFER] penalise BOPs below the target too (equal budgets)
     first_last_bits: int = Field(8, ge=2, le=32)      # the code: stem and classifier at 8 bits
     search_epochs: int = Field(30, ge=1)              # ABS
     search_lr: float = Field(0.001, gt=0)             # ABS: 0.001 from the FP model
@@ -77,9 +81,15 @@ class SbsSpec(BaseModel):
     @field_validator("bops_target")
     @classmethod
     def _target(cls, v):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError("bops_target is a fraction of the full-precision BOPs; allowed range (0, 1]")
+        if isinstance(v, (int, float)) and not 0 < v <= 1:
+            raise ValueError("bops_target is a fraction of the full-precision BOPs (allowed range (0, 1]) or '4bit'")
         return v
+
+    @model_validator(mode="after")
+    def _match_needs_target(self):
+        if self.bops_match and self.bops_target is None:
+            raise ValueError("sbs.bops_match keeps the search at sbs.bops_target; set bops_target too, or drop bops_match")
+        return self
 
 
 register_section("sbs", SbsSpec)
@@ -212,14 +222,17 @@ def tau_max(gate: ThresholdGate, rho: float) -> float:
     return float(scores[min(k, len(scores)) - 1]) if rho > 0 else 0.0
 
 
-def sbs_objective(spec: SbsSpec, model, graph, gates, fp_bops: float):
+def sbs_objective(spec: SbsSpec, model, graph, gates, target_bops: float | None):
+    """CE + lam log BOPs; with a target (BOPs), lam max(0, log BOPs - log target), or with
+    bops_match lam |log BOPs - log target|."""
     def objective(outputs, y, x):
         losses = {"ce/net": F.cross_entropy(outputs["net"].float(), y)}
         log_bops = torch.log(torch.as_tensor(differentiable_bops(model, graph, gates)))
-        if spec.bops_target is not None:
-            losses["bops/net"] = spec.lam * (log_bops - math.log(spec.bops_target * fp_bops)).clamp_min(0)
-        else:
+        if target_bops is None:
             losses["bops/net"] = spec.lam * log_bops
+        else:
+            over = log_bops - math.log(target_bops)
+            losses["bops/net"] = spec.lam * (over.abs() if spec.bops_match else over.clamp_min(0))
         return losses
     return objective
 
@@ -258,9 +271,9 @@ def _search_cfg(ctx, spec):
     return ctx.recipe.train.model_copy(update={"epochs": spec.search_epochs, "lr": spec.search_lr})
 
 
-def _run_sbs(ctx, spec, base, channels: str, tag: str, fp_bops: float):
+def _run_sbs(ctx, spec, base, channels: str, tag: str, target_bops: float | None):
     model, gates, quantizers, graph = build_searching(ctx, base, spec, channels)
-    objective = sbs_objective(spec, model, graph, gates, fp_bops)
+    objective = sbs_objective(spec, model, graph, gates, target_bops)
     ctx.train_stage(f"sbs-{tag}search", {"net": model}, objective, cfg=_search_cfg(ctx, spec),
                     callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio)],
                     param_options={"gate": {"weight_decay": 0.0, **({"lr": spec.threshold_lr} if spec.threshold_lr else {})}})
@@ -287,20 +300,30 @@ def sbs(ctx) -> None:
         row["bops_ratio"] = fp_bops / row["bops"]
         return row
 
-    controls = [f"sbs/{'4bit' if c == 'uniform4' else 'bits-only'}" for c in spec.controls]
-    compact = _run_sbs(ctx, spec, base, spec.channels, "", fp_bops)
-    record("sbs/searched", compact, None, "sbs-search")
-    best = ctx.train_stage("sbs-finetune", {"net": compact}, cfg=_finetune_cfg(ctx, spec)) \
-        if spec.finetune_epochs else None
-    record("sbs/compressed", compact, best, "sbs-finetune", control=controls or None)
-    if "bits_only" in spec.controls:
-        bits_only = _run_sbs(ctx, spec, base, "none", "bits-only-", fp_bops)
-        best = ctx.train_stage("sbs-bits-only-finetune", {"net": bits_only}, cfg=_finetune_cfg(ctx, spec)) \
-            if spec.finetune_epochs else None
-        record("sbs/bits-only", bits_only, best, "sbs-bits-only-finetune")
-    if "uniform4" in spec.controls:
+    four = None   # the uniform 4-bit model: a control, and what bops_target '4bit' measures
+    if "uniform4" in spec.controls or spec.bops_target == "4bit":
         four = quantize_(copy.deepcopy(base), _quant_policy(spec, bits=4))
         calibrate(four, ctx.eval_loader("train"), num_batches=4)
+    target = cost.profile(four, ctx.input_size).bops if spec.bops_target == "4bit" else \
+        None if spec.bops_target is None else spec.bops_target * fp_bops
+
+    def searched(row):
+        if target is not None:
+            row["bops_target_ratio"] = fp_bops / target
+        return row
+
+    controls = [f"sbs/{'4bit' if c == 'uniform4' else 'bits-only'}" for c in spec.controls]
+    compact = _run_sbs(ctx, spec, base, spec.channels, "", target)
+    searched(record("sbs/searched", compact, None, "sbs-search"))
+    best = ctx.train_stage("sbs-finetune", {"net": compact}, cfg=_finetune_cfg(ctx, spec)) \
+        if spec.finetune_epochs else None
+    searched(record("sbs/compressed", compact, best, "sbs-finetune", control=controls or None))
+    if "bits_only" in spec.controls:
+        bits_only = _run_sbs(ctx, spec, base, "none", "bits-only-", target)
+        best = ctx.train_stage("sbs-bits-only-finetune", {"net": bits_only}, cfg=_finetune_cfg(ctx, spec)) \
+            if spec.finetune_epochs else None
+        searched(record("sbs/bits-only", bits_only, best, "sbs-bits-only-finetune"))
+    if "uniform4" in spec.controls:
         ctx.train_stage("sbs-4bit-search", {"net": four}, cfg=_search_cfg(ctx, spec))
         best = ctx.train_stage("sbs-4bit-finetune", {"net": four}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
