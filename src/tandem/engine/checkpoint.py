@@ -23,12 +23,10 @@ from ..errors import CheckpointError
 
 
 def _umask() -> int:
+    """The process's umask now (it can change after import)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-_UMASK = _umask()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -39,7 +37,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; others may read results on a shared disk
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; others may read results on a shared disk
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
