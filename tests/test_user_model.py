@@ -132,6 +132,10 @@ def test_every_method_on_a_model_object_from_python(tmp_path):
     torch.manual_seed(0)
     net = UserNet(10, 1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TandemError, match="the labels go up to 9 but the model has 5 outputs"):
+        tandem.compress(UserNet(5, 1), "quantize", train=TensorDataset(x, y), test=TensorDataset(x, y),
+                        out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
     result = tandem.compress(net, METHODS, train=TensorDataset(x[:1400], y[:1400]), test=TensorDataset(x[1400:], y[1400:]),
                              schedule={"epochs": 1, "progress": False}, out=tmp_path / "run",
                              overrides=[o for o in TINY if not o.startswith("train.")])

@@ -77,8 +77,8 @@ def compress(model: nn.Module, method: str | list[str] = "pqkd", *, train, test,
     with torch.no_grad():
         outputs = net(data.train.images[:2].float())
     num_classes = outputs.shape[-1]
-    if int(data.train.labels.max()) >= num_classes:
-        raise TandemError(f"compress: the labels go up to {int(data.train.labels.max())} but the model has "
+    if data.num_classes > num_classes:   # the splits' labels go up to num_classes - 1
+        raise TandemError(f"compress: the labels go up to {data.num_classes - 1} but the model has "
                           f"{num_classes} outputs")
     data.num_classes = num_classes
     if getattr(net, "config", None) is None:

@@ -55,7 +55,7 @@ def to_imageset(data, what: str) -> ImageSet:
     return ImageSet(torch.cat(xs).contiguous(), torch.cat(ys))
 
 
-def in_memory_splits(train, val, test, val_fraction: float, split_seed: int, num_classes: int | None = None) -> DataSplits:
+def in_memory_splits(train, val, test, val_fraction: float, split_seed: int) -> DataSplits:
     """DataSplits of a user's data; without `val`, a stratified `val_fraction` of train is held
     out for model selection (the test split never selects anything)."""
     train_set, test_set = to_imageset(train, "train"), to_imageset(test, "test")
@@ -70,13 +70,11 @@ def in_memory_splits(train, val, test, val_fraction: float, split_seed: int, num
     shapes = {name: s.shape for name, s in sets.items()}
     if len(set(shapes.values())) > 1 or len({s.images.dtype for s in sets.values()}) > 1:
         raise DataError(f"train, val and test differ in image shape or dtype: {shapes}")
-    classes = 1 + max(int(s.labels.max()) for s in sets.values() if len(s))
-    if num_classes is not None and classes > num_classes:
-        raise DataError(f"labels go up to {classes - 1}, but the model has {num_classes} outputs")
+    classes = 1 + max(int(s.labels.max()) for s in sets.values() if len(s))   # the caller may widen it
     c, h, w = train_set.shape
     if train_set.images.dtype == torch.uint8:
         mean, std = channel_stats(train_set.images)
     else:
         mean, std = (0.0,) * c, (1.0,) * c
-    return DataSplits(train=train_set, val=val_set, test=test_set, num_classes=num_classes or classes,
+    return DataSplits(train=train_set, val=val_set, test=test_set, num_classes=classes,
                       in_channels=c, image_size=(h, w), mean=mean, std=std, augment=Augment(), name=NAME)
