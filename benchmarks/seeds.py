@@ -41,13 +41,15 @@ def main():
     if tandem(cli) != 0:
         sys.exit(2)
     summary = json.loads((out / "summary.json").read_text())
-    # every run folder's own wall time: each seed of `run`, each baseline and cell of `grid`
-    walls = {str(p.parent.relative_to(out)): json.loads(p.read_text()).get("wall_time_s")
-             for p in sorted(out.glob("seed*/**/results.json"))}
+    # every run folder's own record: each seed of `run`, each baseline and cell of `grid` (a folder
+    # may have been trained before this call, by another process, under another load and commit)
+    runs = {str(p.parent.relative_to(out)): {k: v for k, v in json.loads(p.read_text()).items()
+                                              if k in ("wall_time_s", "invocations", "commit", "load_average_1_5_15min")}
+            for p in sorted(out.glob("seed*/**/results.json"))}
     path = write_result(f"seeds-{args.tag}", {"tandem_command": "tandem " + " ".join(cli), "run_dir": str(out),
-                                              "load_average_is_of": "this collecting call; folders trained "
-                                              "before it ran under their own load (seed_wall_time_s)",
-                                              "seed_wall_time_s": walls, "summary": summary})
+                                              "load_average_is_of": "this collecting call; each run folder's "
+                                              "own training: runs",
+                                              "runs": runs, "summary": summary})
     md = (out / "summary.md").read_text().replace("](summary.png)", f"]({out}/summary.png)")
     (RESULTS / f"seeds-{args.tag}.md").write_text(
         f"<!-- written by: python {' '.join(sys.argv)} (commit and machine in seeds-{args.tag}.json) -->\n\n{md}")

@@ -33,15 +33,18 @@ def test_default_job_runs_every_joint_method_on_one_baseline(tmp_path):
     assert (out / "accuracy_vs_cost.png").stat().st_size > 1000
 
 
-def test_baseline_end_to_end_and_eval(tmp_path, capsys):
+def test_baseline_end_to_end_and_eval(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    # the commit is read before training (the tree may change while a run trains)
+    monkeypatch.setattr("tandem.runner.git_commit", lambda: "after" if (out / "models").exists() else "before")
     assert main(["run", "method=baseline", "train.epochs=2", "train.progress=false", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     (row,) = results["models"]
     for key in ("name", "top1", "val_top1", "params", "macs", "bops", "bytes", "w_bits", "a_bits"):
         assert key in row
     assert row["top1"] > 50 and row["macs"] > 0 and row["bops"] == row["macs"] * 32 * 32
-    assert results["recipe"]["train"]["epochs"] == 2 and results["commit"] and results["wall_time_s"] > 0
+    assert results["recipe"]["train"]["epochs"] == 2 and results["commit"] == "before" and results["wall_time_s"] > 0
+    assert all(len(results["load_average_1_5_15min"][k]) == 3 for k in ("start", "end"))
     assert "| baseline |" in (out / "report.md").read_text()
     assert (out / "accuracy_vs_cost.png").stat().st_size > 1000
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -35,10 +35,10 @@ def _split_run_args(args: list[str]) -> tuple[str | None, list[str]]:
     return first, rest
 
 
-def _set_threads(ns) -> None:
-    """--threads N: torch's intra-op threads for this process (each process, under --nproc)."""
+def _set_threads(ns) -> int | None:
+    """--threads N: torch's intra-op threads for this process (each process, under --nproc); N."""
     if ns.threads is None:
-        return
+        return None
     try:
         threads = int(ns.threads)
     except ValueError:
@@ -47,11 +47,7 @@ def _set_threads(ns) -> None:
         raise TandemError(f"--threads {ns.threads}: must be a whole number >= 1 (threads per process)")
     import torch
     torch.set_num_threads(threads)
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
+    return threads
 
 
 def _launch_torchrun(ns, argv: list[str]) -> int:
@@ -144,7 +140,7 @@ def cmd_run(ns) -> int:
 
     recipe_path, overrides = _split_run_args(ns.args)
     seeds = _seeds(ns, overrides)
-    _set_threads(ns)
+    threads = _set_threads(ns)
     if ns.resume and not ns.out:
         raise TandemError("--resume needs --out RUN_DIR, the folder of the run to continue")
     if seeds is None and ns.resume and (Path(ns.out) / "seeds.json").exists():
@@ -152,7 +148,7 @@ def cmd_run(ns) -> int:
     if recipe_path is None and ns.resume and (Path(ns.out) / "recipe.yaml").exists():
         recipe_path = str(Path(ns.out) / "recipe.yaml")   # resume exactly what was started
     recipe = load_recipe(recipe_path, overrides)
-    if ns.threads is not None and recipe.train.threads and recipe.train.threads != torch_threads():
+    if threads and recipe.train.threads and recipe.train.threads != threads:
         raise TandemError(f"--threads {ns.threads} and train.threads = {recipe.train.threads} disagree; give one")
     if seeds is not None:
         return _run_seeds(ns, recipe, recipe_path, overrides, seeds)
@@ -221,15 +217,11 @@ def _load_model_file(path: Path) -> tuple:
     return model, meta
 
 
-def _dataset_of(path: Path, meta: dict, data_root=None):
-    from .data import dataset_of
-    return dataset_of(meta, data_root, source=str(path))
-
-
 def cmd_profile(ns) -> int:
     """A registered model at the given size and bits, or a model file as it was trained: its
     dataset's input size, its quantized layers' own bits, its pruned widths."""
     from . import cost
+    from .data import dataset_of
     from .models import create_model
 
     path = Path(ns.model)
@@ -241,7 +233,7 @@ def cmd_profile(ns) -> int:
         elif meta.get("input_size"):   # recorded by the run that saved it
             shape = tuple(meta["input_size"])
         else:   # an older file: its dataset says the size
-            data = _dataset_of(path, meta, ns.data_root)
+            data = dataset_of(meta, ns.data_root, source=str(path))
             shape = (data.in_channels, *data.image_size)
     else:
         model = create_model(ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels or 3)
@@ -273,7 +265,7 @@ def cmd_list(ns) -> int:
 
 def cmd_eval(ns) -> int:
     """Test top-1 of every model of a run folder, of one model file or of a packed export."""
-    from .data import BatchLoader
+    from .data import BatchLoader, dataset_of
     from .engine import evaluate, resolve_device
 
     target = Path(ns.checkpoint)
@@ -286,7 +278,7 @@ def cmd_eval(ns) -> int:
         model, meta = _load_model_file(path)
         key = json.dumps([meta.get("dataset"), meta.get("seed")], sort_keys=True)
         if key not in cache:
-            cache[key] = _dataset_of(path, meta, ns.data_root)
+            cache[key] = dataset_of(meta, ns.data_root, source=str(path))
         data = cache[key]
         loader = BatchLoader(data.test, 1024, mean=data.mean, std=data.std, device=device)
         result = evaluate(model.to(device), loader)

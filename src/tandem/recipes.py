@@ -76,7 +76,7 @@ class ArchSpec(Named):
 
 
 class ModelSpec(ArchSpec):
-    checkpoint: Optional[str] = None   # a pretrained model file (*.safetensors) to start from
+    checkpoint: Optional[str] = None   # trained weights to start from: a tandem model file or a plain state dict
 
 
 class DatasetSpec(Named):
@@ -152,11 +152,6 @@ DEFAULT_JOB_SECTIONS = {"prune": {"criterion": "l1", "macs_target": 0.06},
                         "quant": {"method": "lsq", "w_bits": 2, "a_bits": 2, "first_last": "same"}}
 
 
-def _readers() -> dict[str, tuple[str, ...]]:
-    from .methods import SECTIONS_USED
-    return SECTIONS_USED
-
-
 def method_sections() -> dict[str, type[BaseModel]]:
     """{section name: its pydantic model}: the sections the registered methods own
     (prune, quant, mutual, distill, pdd, ...; tandem.methods.register_section)."""
@@ -195,11 +190,11 @@ class Recipe(Section):
                     extra[key] = known[key].model_validate(value)
                 except ValidationError as exc:
                     raise RecipeError(" ".join(_format_error(exc, value, prefix=(key,)).split())) from None
-        from .methods import sections_used
+        from .methods import list_methods, sections_used
         used = sections_used(self.methods)
         for key, value in extra.items():
             if value is not None and key not in used:
-                readers = [m for m, secs in _readers().items() if key in secs]
+                readers = sections_used(list_methods()).get(key, [])
                 raise RecipeError(f"recipe error: {key}: no method of this recipe ({', '.join(self.methods)}) reads "
                                   f"it, so it would have no effect (read by: {', '.join(readers) or 'none'}); drop it")
         for key in used:   # what ran is what the record says: the defaults of every section read

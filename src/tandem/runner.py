@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -44,17 +45,7 @@ class RunContext:
         if self.dist.enabled and recipe.train.batch_size % self.dist.world_size:
             raise TandemError(f"train.batch_size = {recipe.train.batch_size} must be divisible by the "
                               f"number of processes ({self.dist.world_size}); it is the global batch")
-        # rank 0 loads first, so a dataset that builds a decode cache builds it once
-        for turn in (True, False):
-            if data is not None:
-                self.data = data
-            elif self.dist.is_main == turn:
-                self.data = load_dataset(recipe.dataset.name, recipe.dataset.root,
-                                         val_fraction=recipe.dataset.val_fraction,
-                                         seed=recipe.dataset.split_seed,
-                                         train_limit=recipe.dataset.train_limit,
-                                         test_limit=recipe.dataset.test_limit, **recipe.dataset.options)
-            distributed.barrier()
+        self.data = data if data is not None else self._load_data()
         if recipe.dataset.augment and not self.data.augment.active:
             raise TandemError(f"dataset.augment = true, but {recipe.dataset.name} has no augmentation with these "
                               f"options; {_augment_hint(recipe.dataset.name)}")
@@ -65,6 +56,17 @@ class RunContext:
         self._checkpoint_net: torch.nn.Module | None = None
 
     # ---- data ----------------------------------------------------------------------------
+    def _load_data(self):
+        """The recipe's dataset; rank 0 loads first, so a dataset that builds a decode cache
+        builds it once."""
+        spec, data = self.recipe.dataset, None
+        for turn in (True, False):
+            if self.dist.is_main == turn:
+                data = load_dataset(spec.name, spec.root, val_fraction=spec.val_fraction, seed=spec.split_seed,
+                                    train_limit=spec.train_limit, test_limit=spec.test_limit, **spec.options)
+            distributed.barrier()
+        return data
+
     @property
     def input_size(self) -> tuple[int, int, int]:
         return (self.data.in_channels, *self.data.image_size)
@@ -120,24 +122,16 @@ class RunContext:
         tandem model file rebuilds its own architecture (which must be the recipe's model when
         the recipe names one); a plain state dict is loaded into the recipe's model."""
         if self._checkpoint_net is None:
-            self._checkpoint_net = self._load_checkpoint(self.recipe.model.checkpoint).to(self.device)
-        return self._checkpoint_net
-
-    def _load_checkpoint(self, path: str) -> torch.nn.Module:
-        from .engine.checkpoint import read_state_dict, replay_transforms
-        from .models import create_model
-        state, meta = read_state_dict(path)
-        spec = self.recipe.model
-        config = meta.get("config")
-        if config:
-            if (spec.factory or spec.name != "small_cnn") and config["name"] != spec.name:
-                raise TandemError(f"model.checkpoint = {path!r} holds a {config['name']!r} model, the recipe names "
+            from .engine import load_model
+            from .recipes import ModelSpec
+            path, spec = self.recipe.model.checkpoint, self.recipe.model
+            net, meta = load_model(path, build=self.create_model, source=f"model.checkpoint = {path!r}")
+            held = (meta.get("config") or {}).get("name", spec.name)
+            if held != spec.name and spec.name != ModelSpec.model_fields["name"].default:
+                raise TandemError(f"model.checkpoint = {path!r} holds a {held!r} model, the recipe names "
                                   f"{spec.name!r}; drop the model name or give a checkpoint of that model")
-            net = replay_transforms(create_model(**config), meta.get("transforms") or [], source=str(path))
-        else:
-            net = self.create_model()
-        load_state(net, state, f"model.checkpoint = {path!r}")
-        return net
+            self._checkpoint_net = net.to(self.device)
+        return self._checkpoint_net
 
     def train_stage(self, stage: str, nets: dict, objective=cross_entropy_objective, cfg=None,
                     frozen: dict | None = None, callbacks=(), update: str = "simultaneous",
@@ -256,7 +250,8 @@ def execute(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
             raise TandemError(f"--resume continues the recorded recipe; these keys differ from {out_dir}/recipe.yaml: "
                               f"{', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} (to change them, start a "
                               f"new run with another --out)")
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
+    commit = git_commit()   # the code that runs now (the tree may change while it trains)
     ctx = RunContext(recipe, out_dir, resume=resume, data=data, model=model)   # data before any file
     if recipe.model.checkpoint:
         ctx.checkpoint_model()
@@ -273,7 +268,9 @@ def execute(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
         before = _record_invocation(out_dir, time.perf_counter() - start) if dist_info.is_main else {}
     results = {"recipe": recipe.model_dump(mode="json"), "protocol": recipe.protocol,
                "methods": recipe.methods,
-               "models": ctx.results, "commit": git_commit(), "machine": machine(),
+               "models": ctx.results, "commit": commit, "machine": machine(),
+               "load_average_1_5_15min": {"start": [round(v, 2) for v in load_start],   # this invocation's
+                                          "end": [round(v, 2) for v in os.getloadavg()]},
                "wall_time_s": before.get("wall_time_s", time.perf_counter() - start),
                "invocations": before.get("invocations", 1), "device": str(ctx.device),
                "world_size": dist_info.world_size,

@@ -71,6 +71,11 @@ def register_transform(kind: str):
     return deco
 
 
+def record_transform(model: torch.nn.Module, record: dict) -> None:
+    """Append `record` ({"kind": ..., ...}) to the model's transforms, which its file keeps."""
+    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), record]
+
+
 def replay_transforms(model: torch.nn.Module, transforms: list, source: str = "the model") -> torch.nn.Module:
     """Apply recorded transforms (in order) to a freshly built model: the architecture they made."""
     for spec in transforms:
@@ -154,15 +159,21 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model stored in a tandem model file; returns (model, metadata). (A plain
-    state dict has no architecture: see `read_state_dict`.)"""
+def load_model(path: Path, build=None, source: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The model a weights file holds; returns (model, metadata). A tandem model file rebuilds
+    its own architecture (config and transforms); a plain state dict (`read_state_dict`) is
+    loaded into `build()`, the architecture it belongs to. `source` names the file in errors."""
     from ..models import create_model
 
-    state, meta = read_model_file(path)
+    source = source or str(path)
+    state, meta = read_state_dict(path)
     config = meta.get("config")
-    if not config:
-        raise CheckpointError(f"{path} has no model config in its metadata; it was not written by tandem")
-    model = replay_transforms(create_model(**config), meta.get("transforms") or [], source=str(path))
-    load_state(model, state, str(path))
+    if config:
+        model = replay_transforms(create_model(**config), meta.get("transforms") or [], source=source)
+    elif build is not None:
+        model = build()
+    else:
+        raise CheckpointError(f"{source} has no model config in its metadata (a plain state dict, not a tandem model "
+                              f"file): its architecture is unknown")
+    load_state(model, state, source)
     return model, meta

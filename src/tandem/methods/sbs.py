@@ -295,39 +295,38 @@ def sbs(ctx) -> None:
     base = ctx.pretrained()
     fp_bops = cost.profile(base, ctx.input_size).bops
 
-    def record(name, net, best, stage, control=None):
-        row = ctx.record(name, net, best_val(best, "net") if best else None, stage=stage, control=control)
-        row["bops_ratio"] = fp_bops / row["bops"]
-        return row
-
     four = None   # the uniform 4-bit model: a control, and what bops_target '4bit' measures
     if "uniform4" in spec.controls or spec.bops_target == "4bit":
         four = quantize_(copy.deepcopy(base), _quant_policy(spec, bits=4))
         calibrate(four, ctx.eval_loader("train"), num_batches=4)
-    target = cost.profile(four, ctx.input_size).bops if spec.bops_target == "4bit" else \
-        None if spec.bops_target is None else spec.bops_target * fp_bops
+    if spec.bops_target == "4bit":
+        target = cost.profile(four, ctx.input_size).bops
+    else:
+        target = None if spec.bops_target is None else spec.bops_target * fp_bops
 
-    def searched(row):
-        if target is not None:
+    def record(name, net, best, stage, control=None, searched=True):
+        row = ctx.record(name, net, best_val(best, "net") if best else None, stage=stage, control=control)
+        row["bops_ratio"] = fp_bops / row["bops"]
+        if searched and target is not None:
             row["bops_target_ratio"] = fp_bops / target
         return row
 
     controls = [f"sbs/{'4bit' if c == 'uniform4' else 'bits-only'}" for c in spec.controls]
     compact = _run_sbs(ctx, spec, base, spec.channels, "", target)
-    searched(record("sbs/searched", compact, None, "sbs-search"))
+    record("sbs/searched", compact, None, "sbs-search")
     best = ctx.train_stage("sbs-finetune", {"net": compact}, cfg=_finetune_cfg(ctx, spec)) \
         if spec.finetune_epochs else None
-    searched(record("sbs/compressed", compact, best, "sbs-finetune", control=controls or None))
+    record("sbs/compressed", compact, best, "sbs-finetune", control=controls or None)
     if "bits_only" in spec.controls:
         bits_only = _run_sbs(ctx, spec, base, "none", "bits-only-", target)
         best = ctx.train_stage("sbs-bits-only-finetune", {"net": bits_only}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
-        searched(record("sbs/bits-only", bits_only, best, "sbs-bits-only-finetune"))
+        record("sbs/bits-only", bits_only, best, "sbs-bits-only-finetune")
     if "uniform4" in spec.controls:
         ctx.train_stage("sbs-4bit-search", {"net": four}, cfg=_search_cfg(ctx, spec))
         best = ctx.train_stage("sbs-4bit-finetune", {"net": four}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
-        record("sbs/4bit", four, best, "sbs-4bit-finetune")
+        record("sbs/4bit", four, best, "sbs-4bit-finetune", searched=False)
 
 
 sbs.preflight = _preflight

@@ -35,7 +35,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import register_transform
+from ..engine.checkpoint import record_transform, register_transform
 from ..errors import TandemError
 from .groups import ChannelGraph, Group
 from .select import Removed
@@ -245,10 +245,9 @@ def gate_(model: nn.Module, example_input: torch.Tensor, kind: str = "sign", *, 
         container.sources[key] = group.name
     container.macs_terms = _macs_terms(graph, {_key(g.name): g for g in chosen})
     _attach(model, container)
-    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), {
-        "kind": "gates", "gate": kind,
-        "groups": {k: {**g.config(), "sites": container.sites[k], "source": container.sources[k]}
-                   for k, g in container.gates.items()}}]
+    record_transform(model, {"kind": "gates", "gate": kind,
+                             "groups": {k: {**g.config(), "sites": container.sites[k], "source": container.sources[k]}
+                                        for k, g in container.gates.items()}})
     return container
 
 
@@ -262,7 +261,7 @@ def _rebuild(model: nn.Module, record: dict) -> nn.Module:
         container.sites[key] = [tuple(s) for s in g["sites"]]
         container.sources[key] = g["source"]
     _attach(model, container)
-    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), record]
+    record_transform(model, record)
     return model
 
 

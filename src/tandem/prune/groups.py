@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,6 @@ class _Tracer(fx.Tracer):
 def _user_line(exc: BaseException) -> str:
     """', at file.py:12 `if y.mean() > 0:`': the deepest frame of the failed trace outside
     torch and tandem (the user's line that stopped it), or ''."""
-    import traceback
     torch_dir, own_dir = Path(torch.__file__).parent, Path(__file__).parents[1]
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not Path(f.filename).is_relative_to(torch_dir) and not Path(f.filename).is_relative_to(own_dir)]
@@ -135,10 +135,11 @@ class ChannelGraph:
                               f"({type(exc).__name__}: {reason}); data-dependent control flow (if/for on tensor "
                               f"values) cannot be traced: rewrite it with tensor ops, or compress without "
                               f"channel pruning (method quantize)") from None
+        from ..quant.layers import float_path   # (here: the quant package imports this one)
         modes = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), float_path(model):   # shapes only
                 ShapeProp(gm).propagate(example_input)
         finally:
             for m, training in modes:

@@ -13,7 +13,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import register_transform, replay_transforms
+from ..engine.checkpoint import record_transform, register_transform, replay_transforms
 from ..errors import TandemError
 from ..models.registry import is_factory
 from .groups import ChannelGraph
@@ -145,43 +145,21 @@ def apply_removal(graph: ChannelGraph, removed: Removed, inplace: bool = False) 
     if config is not None and not is_factory(config["name"]):
         return rebuild(model)
     # a user's model has no widths to rebuild from: the file records the removal, replayed on load
-    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), {
-        "kind": "prune", "input_shape": list(graph.input_shape),
-        "removed": {g: [int(i) for i in idx] for g, idx in removed.items() if len(idx)}}]
+    record_transform(model, {"kind": "prune", "input_shape": list(graph.input_shape),
+                             "removed": {g: [int(i) for i in idx] for g, idx in removed.items() if len(idx)}})
     return model
-
-
-class _FloatPath:
-    """A quantized layer's float path, through its `export_mode` hook: tracing a rebuilt model
-    needs only shapes, and its quantizers are not calibrated until its weights are loaded."""
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-
-    def input(self, x):
-        return x
-
-    def weight(self):
-        return self.layer.weight
 
 
 @register_transform("prune")
 def _replay_removal(model: nn.Module, record: dict) -> nn.Module:
     """The recorded channels removed again from a freshly built user model."""
-    quantized = [m for m in model.modules() if hasattr(m, "export_mode")]
-    for m in quantized:
-        m.export_mode = _FloatPath(m)
-    try:
-        graph = ChannelGraph(model, torch.zeros(1, *record["input_shape"]))
-    finally:
-        for m in quantized:
-            m.export_mode = None
+    graph = ChannelGraph(model, torch.zeros(1, *record["input_shape"]))
     unknown = sorted(set(record["removed"]) - {g.name for g in graph.groups})
     if unknown:
         raise TandemError(f"the pruning record names channel groups the model does not have ({', '.join(unknown[:3])}); "
                           f"the model's definition changed since the file was written")
     remove_channels(graph, {g: torch.tensor(idx) for g, idx in record["removed"].items()})
-    model.tandem_transforms = [*getattr(model, "tandem_transforms", []), record]
+    record_transform(model, record)
     return model
 
 

@@ -7,6 +7,8 @@ the layer's input). Either may be None (that side stays in float).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -63,3 +65,32 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+class _FloatPath:
+    """`export_mode` that leaves a layer's input and weight in float."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def input(self, x):
+        return x
+
+    def weight(self):
+        return self.layer.weight
+
+
+@contextmanager
+def float_path(model: nn.Module):
+    """Inside the block the quantized layers compute in float: what needs only shapes (the
+    channel graph's shape pass) neither needs calibrated quantizers (a model being rebuilt from
+    its file has none yet) nor changes their state (SBS's bit choices)."""
+    layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
+    before = [m.export_mode for m in layers]
+    for m in layers:
+        m.export_mode = _FloatPath(m)
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, before):
+            m.export_mode = mode

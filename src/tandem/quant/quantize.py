@@ -12,7 +12,7 @@ import itertools
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import register_transform
+from ..engine.checkpoint import record_transform, register_transform
 from ..errors import RecipeError, TandemError
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
 from .policy import QUANTIZERS, QuantSpec, make_spec
@@ -109,9 +109,7 @@ def quantize_(model: nn.Module, policy: QuantSpec | dict | None = None, **kwargs
     method="pact", w_bits=4, a_bits=4)`. Call `calibrate(model, batches)` next."""
     spec = make_spec(policy, **kwargs)
     _swap(model, spec)
-    transforms = list(getattr(model, "tandem_transforms", []))
-    transforms.append({"kind": "quantize", "policy": spec.model_dump(mode="json")})
-    model.tandem_transforms = transforms
+    record_transform(model, {"kind": "quantize", "policy": spec.model_dump(mode="json")})
     return model
 
 
