@@ -15,8 +15,11 @@ def test_default_job_runs_every_joint_method_on_one_baseline(tmp_path):
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["models"]}
     assert results["methods"] == DEFAULT_JOB == ["independent", "mutual", "pqkd"]
-    assert list(rows) == ["baseline", "independent/pruned", "independent/quantized", "mutual/pruned",
-                          "mutual/quantized", "pqkd/pruned", "pqkd/quantized", "pqkd/distilled", "pqkd/no-kd"]
+    assert [n for n in rows if not rows[n].get("init")] == [
+        "baseline", "independent/pruned", "independent/quantized", "mutual/pruned", "mutual/quantized",
+        "pqkd/pruned", "pqkd/quantized", "pqkd/distilled", "pqkd/no-kd"]
+    assert [n for n in rows if rows[n].get("init")] == ["independent/init-pruned", "independent/init-quantized",
+                                                        "mutual/init-pruned", "mutual/init-quantized", "pqkd/init"]
     base = rows["baseline"]
     for name, row in rows.items():
         if name.endswith("pruned"):
@@ -149,11 +152,11 @@ def test_bundled_recipe_from_any_folder_progress_lines_profile_and_packed_eval(t
     assert all("train loss" in line and "val top-1" in line for line in err.splitlines() if " epoch " in line)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["recipe"]["name"] == "digits-qat"
-    for row in results["models"]:   # a model file is profiled at its dataset's size, with its layers' bits
+    for row in (r for r in results["models"] if not r.get("init")):   # a model file is profiled at its dataset's size, with its bits
         assert main(["profile", str(tmp_path / "run" / row["model_file"]), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert (report["macs"], report["bops"], report["bytes"]) == (row["macs"], row["bops"], row["bytes"])
-    (qat,) = [r for r in results["models"] if r["w_bits"] < 8]
+    (qat,) = [r for r in results["models"] if r["w_bits"] < 8 and not r.get("init")]
 
     assert main(["export", "run", "--format", "safetensors"]) == 0
     capsys.readouterr()

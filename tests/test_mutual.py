@@ -84,8 +84,15 @@ def test_independent_and_mutual_on_one_context(tmp_path, one_thread):
     get_method("independent")(ctx)
     get_method("mutual")(ctx)
     rows = {r["name"]: r for r in ctx.results}
-    assert list(rows) == ["baseline", "independent/pruned", "independent/quantized", "mutual/pruned", "mutual/quantized"]
+    assert list(rows) == ["baseline", "independent/init-pruned", "independent/init-quantized", "independent/pruned",
+                          "independent/quantized", "mutual/init-pruned", "mutual/init-quantized", "mutual/pruned",
+                          "mutual/quantized"]
     base = rows["baseline"]
+    for peer in ("pruned", "quantized"):   # both methods start from the same peers: the same start rows
+        start = rows[f"mutual/init-{peer}"]
+        assert start["init"] and "model_file" not in start
+        assert (start["top1"], start["val_top1"]) == (rows[f"independent/init-{peer}"]["top1"],
+                                                      rows[f"independent/init-{peer}"]["val_top1"])
     for method in ("independent", "mutual"):
         p, q = rows[f"{method}/pruned"], rows[f"{method}/quantized"]
         assert p["macs"] < 0.6 * base["macs"] and p["params"] < base["params"] and p["w_bits"] == 32
@@ -172,8 +179,10 @@ def test_peers_from_scratch_record_no_baseline_and_refuse_random_weight_ranking(
                  "mutual.kl_weight={pruned: 0.5, quantized: 1.0}", "mutual.kl_rampup_epochs=1",
                  "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    names = [r["name"] for r in results["models"]]
+    names = [r["name"] for r in results["models"] if not r.get("init")]
     assert names == ["independent/pruned", "independent/quantized", "mutual/pruned", "mutual/quantized"]
+    starts = {r["name"]: r["top1"] for r in results["models"] if r.get("init")}
+    assert max(starts.values()) < 40   # from scratch: the peers start at chance (10 classes), as DML's cohort
     assert not (out / "stages" / "baseline").exists()          # nothing was pretrained
     assert results["recipe"]["mutual"]["init"] == "scratch"
     for bad in (["prune.scope=global"], ["prune.schedule=iterative"]):

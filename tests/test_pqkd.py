@@ -40,9 +40,12 @@ def test_structured_lsq_after_other_methods_on_one_ctx(tmp_path, one_thread):
     get_method("pqkd")(ctx)
 
     names = [r["name"] for r in ctx.results]
-    assert names == ["baseline", "pruned", "pqkd/pruned", "pqkd/quantized", "pqkd/distilled", "pqkd/no-kd"]
+    assert names == ["baseline", "pruned", "pqkd/pruned", "pqkd/init", "pqkd/quantized", "pqkd/distilled", "pqkd/no-kd"]
     rows = {r["name"]: r for r in ctx.results}
-    assert [rows[n]["stage"] for n in names[2:]] == ["pqkd-finetune", "pqkd-quantize", "pqkd-distill", "pqkd-distill"]
+    assert [rows[n]["stage"] for n in names[2:]] == ["pqkd-finetune", "pqkd-quantize", "pqkd-quantize",
+                                                     "pqkd-distill", "pqkd-distill"]
+    start = rows["pqkd/init"]   # the pruned student quantized and calibrated, before its QAT
+    assert start["init"] and (start["macs"], start["w_bits"]) == (rows["pqkd/pruned"]["macs"], 4)
     base, pruned, quant, dist, ctrl = (rows[n] for n in ["baseline", "pqkd/pruned", "pqkd/quantized",
                                                           "pqkd/distilled", "pqkd/no-kd"])
     assert pruned["macs"] <= 0.5 * base["macs"] and pruned["params"] < base["params"]
@@ -74,7 +77,7 @@ def test_unstructured_zeros_stay_zero_through_quantization_and_kd(tmp_path, one_
     recipe = load_recipe(None, ["method=pqkd", *TINY, "prune.criterion=magnitude", "prune.ratio=0.6",
                                 "distill.control=false", "quant.w_bits=4", *quant])
     rows = _rows(run(recipe, out))
-    assert [n for n in rows] == ["baseline", "pqkd/pruned", "pqkd/quantized", "pqkd/distilled"]
+    assert [n for n in rows] == ["baseline", "pqkd/pruned", "pqkd/init", "pqkd/quantized", "pqkd/distilled"]
     pruned, quant_row, dist = rows["pqkd/pruned"], rows["pqkd/quantized"], rows["pqkd/distilled"]
     assert pruned["nonzero_macs"] < 0.5 * pruned["macs"]
     assert quant_row["nonzero_macs"] == dist["nonzero_macs"] == pruned["nonzero_macs"]

@@ -179,22 +179,37 @@ class RunContext:
         test = evaluate(net, self.eval_loader("test"))
         if val_top1 is None:
             val_top1 = evaluate(net, self.eval_loader("val"))["top1"]
-        c = cost.profile(net, self.input_size, **cost_options)
-        w_bits, a_bits = cost.bits_summary(c)
         model_file = self.out_dir / "models" / f"{name.replace('/', '-')}.safetensors"   # 'mutual/pruned': one folder
         if self.dist.is_main:
             save_model(net, model_file, dataset=self.recipe.dataset.model_dump(mode="json"),
                        mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed,
                        input_size=list(self.input_size))
-        row = {"name": name, "stage": stage or name, "top1": test["top1"], "val_top1": val_top1,
-               "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
-               "w_bits": w_bits, "a_bits": a_bits, "model_file": str(model_file.relative_to(self.out_dir))}
-        row["layers"] = cost.layer_summary(c)   # per conv/linear layer; their macs sum to row['macs']
+        row = self._row(name, net, test["top1"], val_top1, stage or name, cost_options)
+        row["model_file"] = str(model_file.relative_to(self.out_dir))
         if control:
             row["control"] = control
         self.results.append(row)
         self.models[name] = net
         return row
+
+    def record_init(self, name: str, net: torch.nn.Module, *, stage: str | None = None, **cost_options) -> dict:
+        """`net` as its method's first training step will see it (quantizers calibrated, gates as
+        initialised): one results row `name` (`<method>/init`, `<method>/init-<which>`) with
+        `init: true`, its validation and test top-1 and its cost. A start the implementation broke
+        shows here; reports keep it out of the verdict and the plot (it is a start, not a result),
+        and no model file is written."""
+        val, test = (evaluate(net, self.eval_loader(split))["top1"] for split in ("val", "test"))
+        row = {**self._row(name, net, test, val, stage or name, cost_options), "init": True}
+        self.results.append(row)
+        return row
+
+    def _row(self, name, net, top1, val_top1, stage, cost_options) -> dict:
+        c = cost.profile(net, self.input_size, **cost_options)
+        w_bits, a_bits = cost.bits_summary(c)
+        return {"name": name, "stage": stage, "top1": top1, "val_top1": val_top1,
+                "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
+                "w_bits": w_bits, "a_bits": a_bits,
+                "layers": cost.layer_summary(c)}   # per conv/linear layer; their macs sum to row['macs']
 
 
 def _augment_hint(dataset: str) -> str:

@@ -110,6 +110,12 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
     return tap_p, tap_q, hints
 
 
+def _record_starts(ctx, method: str, p: PrunedNet, q: nn.Module) -> None:
+    """Both peers as the joint phase starts (`<method>/init-pruned`, `<method>/init-quantized`)."""
+    for peer, net in (("pruned", p.net), ("quantized", q)):
+        ctx.record_init(f"{method}/init-{peer}", net, stage=f"{method}-joint")
+
+
 def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> None:
     def control(peer):   # mutual's rows name their control when it runs too
         return f"independent/{peer}" if method == "mutual" and "independent" in ctx.recipe.methods else None
@@ -132,6 +138,7 @@ def mutual(ctx) -> None:
         tap_p, tap_q, modules = _feature_hints(ctx, ms, p.net, q)
         hints = (tap_p, tap_q, modules)
         p_train = WithAdapters(p.net, modules)
+    _record_starts(ctx, "mutual", p, q)
     frozen = {"teacher": ctx.pretrained()} if ms.kd_weight > 0 else None   # given back unfrozen after the stage
     cfg = joint_cfg(ctx)
     ramp = KLRamp(ms.kl_rampup_epochs)
@@ -149,6 +156,7 @@ def independent(ctx) -> None:
     """The control: the same P and Q, same data, epochs, schedule, lr and seed, each trained
     with cross-entropy alone (one stage, own optimisers: no term couples them)."""
     p, q = build_peers(ctx)
+    _record_starts(ctx, "independent", p, q)
     cfg = joint_cfg(ctx)
     best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=p.callbacks)
     _record_peers(ctx, "independent", p, q, best)

@@ -93,6 +93,7 @@ def pqkd(ctx) -> None:
         check_zeros_kept(student, masks, qspec.method)
     val = None
     if qspec.mode == "qat":
+        ctx.record_init("pqkd/init", student, stage="pqkd-quantize")
         cfg = ctx.recipe.train.for_stage(qspec.epochs, qspec.lr)
         best = ctx.train_stage("pqkd-quantize", {"student": student}, cfg=cfg, callbacks=keep(student))
         val = best_val(best, "student")

@@ -37,5 +37,6 @@ def quantize(ctx) -> None:
     if spec.mode == "ptq":
         ctx.record(name, net)
         return
+    ctx.record_init("quantize/init", net, stage="qat")
     best = ctx.train_stage("qat", {name: net}, cfg=ctx.recipe.train.for_stage(spec.epochs, spec.lr))
     ctx.record(name, net, best_val(best, name))

@@ -206,19 +206,37 @@ class _BitSharing:
 
 class SBSWeight(_BitSharing, WeightQuantizer):
     kind = "sbs"
-    rescales = True   # w_q lives on the standardised scale: calibrate re-estimates BN
 
-    def __init__(self, bits, per_channel=False, channels=1):
+    def __init__(self, bits, per_channel=False, channels=1, clip_percentile: float | None = None,
+                 restore_scale: bool = True):
         super().__init__(bits, per_channel, channels)
         if per_channel:
             raise TandemError("the sbs quantizer is per tensor (one alpha per layer); set per_channel=false")
         self.alpha = nn.Parameter(torch.tensor(1.0))
+        self.clip_percentile = clip_percentile
+        self.restore_scale = restore_scale
         self._init_sharing()
         self.kept_by = None   # callables giving the kept entries along an axis (SBS's channel gates)
         self.set_flags(calibrated=True)
 
-    def _z(self, w):
-        """z in [0, 1] from the standardised weights; statistics (detached) over the kept filters."""
+    @torch.no_grad()
+    def calibrate_weight(self, w):
+        """clip_percentile: alpha starts at that percentile of |w^| (the standardised weights, in
+        units of their std); None: at 1, the code's start, which clips 8-bit weights at 1 std."""
+        if self.clip_percentile is not None:
+            from .observers import percentile_range
+            mean, std = self._stats(w)
+            w_hat = (w - mean) / std
+            self.alpha.fill_(max(float(percentile_range(w_hat.abs(), self.clip_percentile)[1]), 1e-3))
+        self.set_flags(calibrated=True)
+
+    @property
+    def rescales(self) -> bool:
+        """Standardised: w_q lives on the standardised scale, so calibrate re-estimates BN."""
+        return not self.restore_scale
+
+    def _stats(self, w):
+        """(mean, std) of the weights, detached, over the filters the channel gates keep."""
         kept = w
         if self.kept_by:   # [per-axis masks]: output filters and input channels the channel gates keep
             mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)
@@ -228,14 +246,26 @@ class SBSWeight(_BitSharing, WeightQuantizer):
                 mask = mask & k().to(w.device).view(shape)
             kept = w[mask]
         kept = kept.detach().double()   # float64: the compact layer's statistics agree to the last bit more often
-        mean, std = kept.mean().to(w.dtype), kept.std().clamp_min(1e-8).to(w.dtype)
+        std = kept.std().clamp_min(1e-8).to(w.dtype)
+        # restored: the grid is centred on 0 (the float weights' own mean is kept, and 0 stays the
+        # grid's centre, as export's integer grids need); standardised: on the mean, as the code
+        return (w.new_zeros(()) if self.restore_scale else kept.mean().to(w.dtype)), std
+
+    def _z(self, w, stats=None):
+        """z in [0, 1] from the standardised weights."""
+        mean, std = stats if stats is not None else self._stats(w)
         a = self.alpha.abs().clamp_min(1e-8)
         return (torch.clamp((w - mean) / std / a, -1, 1) + 1) / 2
+
+    def _scale(self, std):
+        """The grid's half-width: |alpha|, times std when the weights' scale is restored."""
+        return self.alpha.abs() * std if self.restore_scale else self.alpha.abs()
 
     def forward(self, w):
         if self.bits >= 32:
             return w
-        return self.alpha.abs() * (2 * self._quantize_unit(self._z(w)) - 1)
+        stats = self._stats(w)
+        return self._scale(stats[1]) * (2 * self._quantize_unit(self._z(w, stats)) - 1)
 
     def selected(self, w) -> int:
         return self.chosen_bits(residual_means(self._z(w).detach(), self.candidates))
@@ -243,8 +273,9 @@ class SBSWeight(_BitSharing, WeightQuantizer):
     @torch.no_grad()
     def affine(self, w):
         n = 2 ** self.bits - 1
-        codes = torch.round(self._z(w) * n).long()
-        a = self.alpha.detach().abs()
+        stats = self._stats(w)
+        codes = torch.round(self._z(w, stats) * n).long()
+        a = self._scale(stats[1]).detach()
         return codes, 2 * a / n, -a
 
     def decode(self, codes, scale):
@@ -257,8 +288,8 @@ class SBSAct(_BitSharing, PACTAct):
     width, alpha initialised to 1 as the code); in search, the bit-sharing decomposition."""
     kind = "sbs"
 
-    def __init__(self, bits, signed="auto"):
-        super().__init__(bits, signed, alpha=1.0)
+    def __init__(self, bits, signed="auto", clip_percentile: float | None = None):
+        super().__init__(bits, signed, alpha=1.0, clip_percentile=clip_percentile)
         self._init_sharing()
 
     def start_search(self, bits) -> None:

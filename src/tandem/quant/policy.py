@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError, one_of
 from ..registry import Registry
@@ -19,6 +19,8 @@ from .bit_sharing import SBSAct, SBSWeight
 from .kmeans import KMeansWeight
 from .quantizers import (DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct, PACTAct,
                          PICPQWeight)
+
+PACT_ALPHA = 10.0   # the PACT paper's alpha initialisation
 
 # method -> (weight quantizer class, input quantizer factory, what it is)
 QUANTIZERS = Registry("quantizer")
@@ -76,8 +78,15 @@ class QuantSpec(BaseModel):
     overrides: dict[str, LayerOverride] = Field(default_factory=dict)  # glob -> bits/method
     skip: list[str] = Field(default_factory=list)    # globs of layers left in full precision
     signed_inputs: Literal["auto", "unsigned", "signed"] = "auto"
-    pact_alpha: float = Field(10.0, gt=0)      # PACT's alpha initialisation (paper: 10)
+    # where the activation clips start: 'calibrated' at `percentile` of |x| of each layer's input on
+    # the calibration batches (and SBS's weight alpha at that percentile of the standardised |w|);
+    # 'paper' at the papers' constants: DoReFa's fixed [0, 1], PACT's alpha = pact_alpha, SBS's 1
+    act_init: Literal["calibrated", "paper"] = "calibrated"
+    pact_alpha: float = Field(PACT_ALPHA, gt=0)      # PACT's alpha initialisation with act_init paper (paper: 10)
     percentile: float = Field(99.99, gt=50, le=100)
+    # sbs weights: 'restored' w_q = std alpha (2 Q(z) - 1), the float weights' scale (a pretrained
+    # network's residual branches keep their size); 'standardised' = alpha (2 Q(z) - 1), the code's
+    sbs_weight_scale: Literal["restored", "standardised"] = "restored"
     kmeans_iters: int = Field(30, ge=1)
     # for recipes (method `quantize`)
     mode: Literal["qat", "ptq"] = "qat"
@@ -95,6 +104,13 @@ class QuantSpec(BaseModel):
         if v in ("fp", "same"):
             return v
         raise ValueError("allowed: bits 1..32, 'fp' (full precision) or 'same' (like the other layers)")
+
+    @model_validator(mode="after")
+    def _pact_alpha_used(self):
+        if self.act_init == "calibrated" and self.pact_alpha != PACT_ALPHA:
+            raise ValueError(f"pact_alpha = {self.pact_alpha} would have no effect: with act_init 'calibrated' PACT's "
+                             f"alpha starts at the calibrated clip; set act_init: paper to start it at pact_alpha")
+        return self
 
 
 def make_spec(policy: Any = None, **kwargs) -> QuantSpec:
@@ -116,4 +132,6 @@ def make_spec(policy: Any = None, **kwargs) -> QuantSpec:
             allowed = LayerOverride.model_fields if "overrides" in err["loc"] else QuantSpec.model_fields
             raise RecipeError(f"quant error: unknown key '{key}'; allowed: {', '.join(allowed)}") from None
         msg = err["msg"].removeprefix("Value error, ")
+        if not key:   # a rule between fields: the message names them
+            raise RecipeError(f"quant error: {msg}") from None
         raise RecipeError(f"quant error: {key} = {err.get('input')!r}: {msg}") from None

@@ -16,7 +16,8 @@ from ..engine.checkpoint import record_transform, register_transform
 from ..errors import RecipeError, TandemError
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
 from .policy import QUANTIZERS, QuantSpec, make_spec
-from .quantizers import ActQuantizer, ObserverAct, PACTAct, WeightQuantizer
+from .bit_sharing import SBSAct, SBSWeight
+from .quantizers import ActQuantizer, DoReFaAct, ObserverAct, PACTAct, WeightQuantizer
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -32,7 +33,16 @@ def _make_weight_quantizer(method, bits, layer, spec: QuantSpec):
     channels = layer.weight.shape[0]
     if method == "kmeans":
         return cls(bits, spec.per_channel, channels, shape=layer.weight.shape, iters=spec.kmeans_iters)
+    if cls is SBSWeight:
+        return cls(bits, spec.per_channel, channels, clip_percentile=_clip_percentile(spec),
+                   restore_scale=spec.sbs_weight_scale == "restored")
     return cls(bits, spec.per_channel, channels)
+
+
+def _clip_percentile(spec: QuantSpec) -> float | None:
+    """act_init calibrated: the clips start at `percentile` of the calibration data; paper: at
+    the papers' constants (DoReFa 1, PACT pact_alpha, SBS 1)."""
+    return spec.percentile if spec.act_init == "calibrated" else None
 
 
 def _make_input_quantizer(method, bits, spec: QuantSpec):
@@ -42,7 +52,9 @@ def _make_input_quantizer(method, bits, spec: QuantSpec):
     if factory == "percentile":
         return ObserverAct(bits, spec.signed_inputs, percentile=spec.percentile)
     if factory is PACTAct:
-        return PACTAct(bits, spec.signed_inputs, alpha=spec.pact_alpha)
+        return PACTAct(bits, spec.signed_inputs, alpha=spec.pact_alpha, clip_percentile=_clip_percentile(spec))
+    if factory in (DoReFaAct, SBSAct):
+        return factory(bits, spec.signed_inputs, clip_percentile=_clip_percentile(spec))
     return factory(bits, spec.signed_inputs)
 
 

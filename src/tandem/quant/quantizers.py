@@ -303,12 +303,17 @@ class ActQuantizer(Quantizer):
     """Quantizes a layer's input. `signed` is decided at calibration (the input had negative
     values) unless the policy forces it; see docs/quantization.md for each method's signed form."""
 
-    def __init__(self, bits: int, signed: str = "auto"):
+    def __init__(self, bits: int, signed: str = "auto", clip_percentile: float | None = None):
         super().__init__(bits)
         self.signed_rule = signed
+        # clip_percentile: calibration also measures the clip (`observed_clip`), the mean over the
+        # batches of this percentile of |x| (DoReFa's range, PACT's and SBS's alpha start there)
+        self.clip_percentile = clip_percentile
         # calibration statistics: not part of the model (not saved)
         self.register_buffer("obs_min", torch.tensor(float("inf")), persistent=False)
         self.register_buffer("obs_max", torch.tensor(float("-inf")), persistent=False)
+        self.register_buffer("pct_clip", torch.zeros(()), persistent=False)
+        self.register_buffer("pct_clip_n", torch.zeros(()), persistent=False)
 
     @torch.no_grad()
     def reset_stats(self) -> None:
@@ -320,6 +325,17 @@ class ActQuantizer(Quantizer):
     def observe(self, x: torch.Tensor) -> None:
         self.obs_min.copy_(torch.minimum(self.obs_min, x.min()))
         self.obs_max.copy_(torch.maximum(self.obs_max, x.max()))
+        if self.clip_percentile is not None:
+            from .observers import percentile_range
+            self.pct_clip += percentile_range(x.abs(), self.clip_percentile)[1]
+            self.pct_clip_n += 1
+
+    def observed_clip(self) -> float | None:
+        """The calibrated clip (see clip_percentile); None when not measured or all zero."""
+        if self.clip_percentile is None or not self.pct_clip_n:
+            return None
+        v = float(self.pct_clip / self.pct_clip_n)
+        return v if v > 0 and math.isfinite(v) else None
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -397,10 +413,27 @@ class _ClipRound(torch.autograd.Function):
 
 
 class DoReFaAct(ActQuantizer):
-    """DoReFa activations: clamp(x, 0, 1) then quantize_k (levels i/(2^k-1)). Signed inputs:
-    clamp(x, -1, 1) on the symmetric grid i/(2^(k-1)-1) [INFER: DoReFa has no signed form]."""
+    """DoReFa activations: clamp(x, 0, c) then quantize_k (levels c i/(2^k-1)), c = `clip`: 1 in
+    the paper, or fixed at calibration (`clip_percentile`: a pretrained network's inputs reach far
+    above 1, and clamping them at 1 breaks it before training starts). Signed inputs:
+    clamp(x, -c, c) on the symmetric grid c i/(2^(k-1)-1) [INFER: DoReFa has no signed form]."""
 
     kind = "dorefa"
+
+    def __init__(self, bits, signed="auto", clip_percentile: float | None = None):
+        super().__init__(bits, signed, clip_percentile)
+        self.register_buffer("clip", torch.tensor(1.0))   # fixed (not learned); saved with the model
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "clip", torch.tensor(1.0))   # files written before the clip was saved: 1
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def finish_calibration(self):
+        super().finish_calibration()
+        clip = self.observed_clip()
+        if clip is not None:
+            self.clip.fill_(clip)
 
     def _n(self):
         return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
@@ -409,13 +442,13 @@ class DoReFaAct(ActQuantizer):
         n = self._n()
         if n == 0:   # 1-bit signed: sign
             return _sign_ste(x)
-        return _ClipRound.apply(x, x.new_ones(()), n, self.signed)    # round(clamp(x, lo, 1) n) / n
+        return _ClipRound.apply(x, self.clip, n, self.signed)    # round(clamp(x, lo, c) n / c) c / n
 
     def qparams(self):
         n = self._n()
         if n == 0:                 # 1-bit signed: sign(x), not an integer grid with a zero
             return None
-        return (1.0 / n, 0, -n if self.signed else 0, n)
+        return (float(self.clip) / n, 0, -n if self.signed else 0, n)
 
 
 class PACTAct(ActQuantizer):
@@ -426,15 +459,19 @@ class PACTAct(ActQuantizer):
 
     kind = "pact"
 
-    def __init__(self, bits, signed="auto", alpha: float = 10.0):
-        super().__init__(bits, signed)
+    def __init__(self, bits, signed="auto", alpha: float = 10.0, clip_percentile: float | None = None):
+        super().__init__(bits, signed, clip_percentile)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
     def _n(self):
         return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
 
+    @torch.no_grad()
     def finish_calibration(self):
         super().finish_calibration()
+        clip = self.observed_clip()   # clip_percentile: alpha starts at the measured clip
+        if clip is not None:
+            self.alpha.fill_(clip)
         if self.signed and self.bits < 2:
             raise TandemError("pact needs at least 2 bits for a signed input (found at calibration); "
                               "give that layer more bits, or use first_last / skip")

@@ -25,7 +25,9 @@ OPTIONAL_COLUMNS = [("nonzero_macs", "nonzero MACs (M)", "{:.3f}"),
 SCALE = {"params": 1e-6, "macs": 1e-6, "nonzero_macs": 1e-6, "bops": 1e-9, "bytes": 1 / 1024}
 GLOSSARY = {
     "name": "the results row; the part before '/' is the method that trained it, `baseline` the "
-            "full-precision network the methods start from",
+            "full-precision network the methods start from; `<method>/init` (and `init-<which>`) is the "
+            "network as that method's training starts (quantizers calibrated, gates as initialised), "
+            "kept out of the verdict and the plot: a start far below the baseline means the start is broken",
     "top1": "accuracy on the test split, measured once after training; nothing is chosen on it",
     "val_top1": "accuracy on the validation split held out of train, at the epoch chosen on it "
                 "(so it is optimistic: a selection aid, not a result)",
@@ -229,11 +231,12 @@ def write_report(out_dir: Path, results: dict) -> None:
     results = _clean(results)
     atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     recipe, rows, n_test = results["recipe"], results["models"], results.get("test_images")
-    plot_accuracy_vs_cost(rows, out_dir / "accuracy_vs_cost.png",
+    trained = [r for r in rows if not r.get("init")]   # a method's start row is a check, not a result
+    plot_accuracy_vs_cost(trained, out_dir / "accuracy_vs_cost.png",
                           title=f"{recipe['name']}: {recipe['model']['name']} on {recipe['dataset']['name']}")
     machine = results.get("machine") or {}
     lines = [f"# {recipe['name']}", "", "## Settings", "", *_settings(results), "",
-             "## Verdict", "", *verdict(rows, n_test), "", noise_note(rows, n_test), "",
+             "## Verdict", "", *verdict(trained, n_test), "", noise_note(trained, n_test), "",
              "## Results", "",
              markdown_table(rows), "",
              "Columns:", "", glossary(rows), "",
