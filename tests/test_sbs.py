@@ -107,10 +107,14 @@ def test_gradients_reach_every_threshold_and_the_clamp_holds():
 
 def test_sbs_runs_end_to_end_and_exports(tmp_path, capsys, one_thread):
     args = ["method=sbs", "train.epochs=1", "sbs.search_epochs=1", "sbs.finetune_epochs=1", "sbs.group_size=2",
-            "sbs.threshold_lr=0.5", "train.progress=false"]
+            "sbs.threshold_lr=0.5", "sbs.warmup_epochs=1", "train.progress=false"]
     assert main(["run", *args, "--out", str(tmp_path / "run")]) == 0
     rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())["models"]}
-    assert {"sbs/searched", "sbs/compressed", "sbs/bits-only", "sbs/4bit"} <= set(rows)
+    assert {"sbs/init", "sbs/searched", "sbs/compressed", "sbs/bits-only", "sbs/init-4bit", "sbs/4bit"} <= set(rows)
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = {stage: sum(1 for r in log if r.get("stage") == stage and "epoch_time" in r)
+              for stage in ("sbs-warmup", "sbs-search", "sbs-bits-only-search", "sbs-4bit-search")}
+    assert epochs == {"sbs-warmup": 1, "sbs-search": 1, "sbs-bits-only-search": 1, "sbs-4bit-search": 2}
     c = rows["sbs/compressed"]
     assert c["control"] == ["sbs/4bit", "sbs/bits-only"] and c["bops_ratio"] == pytest.approx(
         rows["baseline"]["bops"] / c["bops"])
@@ -203,3 +207,64 @@ def test_a_matched_budget_pulls_bops_up_as_well_as_down(monkeypatch):
     with pytest.raises(ValueError, match="bops_match keeps the search at sbs.bops_target"):
         sbs_module.SbsSpec(bops_match=True)
     assert sbs_module.SbsSpec(bops_target="4bit").bops_target == "4bit"
+
+
+def test_input_bits_follow_running_residual_statistics_not_one_batch():
+    """A threshold between two batches' residual means: the per-batch choice (the code) flips
+    width with the batch; the running means hold one width, and the frozen width is theirs."""
+    from tandem.quant.bit_sharing import SBSAct, residual_means
+    torch.manual_seed(0)
+    coarse, fine = torch.rand(4, 8, 5, 5) * 1.0, torch.rand(4, 8, 5, 5) * 0.05   # large / small 2-bit residuals
+    widths = {}
+    for mode in ("running", "batch"):
+        q = SBSAct(8, signed=False)
+        q.start_search([2, 4, 8], from_running=mode == "running")
+        m_coarse, m_fine = (float(residual_means(x, [2, 4, 8])[0]) for x in (coarse, fine))
+        with torch.no_grad():
+            q.gates.threshold.copy_(torch.tensor([(m_coarse + m_fine) / 2, 0.0]))
+        seen = []
+        for x in [coarse] * 5 + [fine, coarse, fine]:
+            q.quantize(x)
+            seen.append(q._width(torch.stack(q.products).gt(0.5).tolist()))
+        widths[mode] = seen
+        if mode == "running":
+            assert q.selected() == 8 and int(q.gates.seen) == 8
+            before = q.gates.running_means.clone()
+            q.eval()
+            q.quantize(fine)   # eval mode: the statistics do not move
+            assert torch.equal(q.gates.running_means, before)
+    assert widths["running"] == [8] * 8
+    assert widths["batch"][5:] == [2, 8, 2]
+
+
+def test_sbs_clips_start_calibrated_and_weights_keep_their_scale():
+    from tandem.quant.bit_sharing import SBSWeight
+    from tandem.quant.observers import percentile_range
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3) * 0.05 + 0.01
+    for scale, want in (("restored", w), ("standardised", (w - w.mean()) / w.std())):
+        net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1),
+                                  torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+        with torch.no_grad():
+            net[2].weight.normal_()
+        conv = net[0]
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        x = torch.rand(4, 8, 6, 6)
+        with torch.no_grad():
+            inner_input = torch.relu(conv(x))
+        quantize_(net, method="sbs", w_bits=8, a_bits=8, first_last="same", sbs_weight_scale=scale)
+        calibrate(net, [x])
+        conv = net[0]
+        wq = conv.weight_quantizer
+        w_hat = (w - (0 if scale == "restored" else w.mean())) / w.std()
+        assert float(wq.alpha) == pytest.approx(float(percentile_range(w_hat.abs(), 99.99)[1]), rel=1e-5)
+        relative = ((wq(conv.weight) - want).abs().mean() / want.abs().mean()).item()
+        assert relative < 0.02   # 8 bits: the quantized weight is the weight (restored) or its standardised form
+        inner = net[2].input_quantizer   # an input's alpha starts at the 99.99th percentile of the input
+        if scale == "restored":          # (standardised weights make conv 0's output another one)
+            assert float(inner.alpha) == pytest.approx(float(percentile_range(inner_input, 99.99)[1]), rel=0.02)
+    paper = quantize_(torch.nn.Sequential(torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)),
+                      method="sbs", w_bits=8, a_bits=8, first_last="same", act_init="paper")
+    calibrate(paper, [torch.rand(2, 8, 6, 6)])
+    assert float(paper[0].weight_quantizer.alpha) == 1.0 == float(paper[2].input_quantizer.alpha)

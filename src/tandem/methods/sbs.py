@@ -6,9 +6,15 @@ methods.md §5; details from the earlier ABS version).
     sbs: {bits: [2, 4, 8], group_size: 4, bops_target: 0.02, search_epochs: 30, finetune_epochs: 200}
 
 1. The pretrained model is quantized with the `sbs` quantizer (§5.2) at the highest candidate
-   width, the first and last layers at `first_last_bits` (min-max, fixed), and every other
-   weight and input quantizer becomes a bit-sharing one (tandem.quant.bit_sharing): one pass,
-   per-layer bit gates for weights and for inputs (thresholds t >= 0, from 0).
+   width, the first and last layers at `first_last_bits` (min-max, fixed), its clips calibrated
+   (`alpha_init`: the 99.99th percentile of each input and of the standardised |w|; `paper`:
+   1) and its weights on their own scale (`weight_scale`), so it starts where the FP network
+   is (row `sbs/init`); optionally QAT at that width (`warmup_epochs`, stage `sbs-warmup`).
+   Then every other weight and input quantizer becomes a bit-sharing one
+   (tandem.quant.bit_sharing): one pass, per-layer bit gates for weights and for inputs
+   (thresholds t >= 0, from 0); input gates decide from running means of the residuals
+   (`input_bits: running`; `batch`: each batch's, the code), so the width does not flip from
+   batch to batch and the frozen width comes from every training batch, not from one.
 2. Channel gates (0 bits): groups of `group_size` output channels of the block-internal layers
    (`channels: internal`; the channel graph's groups with one producer and no shortcut), score
    mean|W_g| / max|W_layer|, gate 1[score > tau] with one learnable tau per layer (from 0),
@@ -23,8 +29,9 @@ methods.md §5; details from the earlier ABS version).
 4. Freeze: each layer keeps the bits its hard gates chose, closed channels are removed
    physically, and the compact model is fine-tuned with the plain quantizer (`sbs-finetune`).
 
-Controls in the same run, same epochs: uniform 4-bit QAT with the same quantizer (`sbs/4bit`)
-and bits-only SBS (no channel gates, `sbs/bits-only`). Rows: `sbs/searched` (the compact model
+Controls in the same run, same epochs: uniform 4-bit QAT with the same quantizer (`sbs/4bit`,
+warm-up + search + fine-tune epochs; its start is `sbs/init-4bit`) and bits-only SBS (no
+channel gates, `sbs/bits-only`, searched from the same warmed-up start). Rows: `sbs/searched` (the compact model
 right after the search), `sbs/compressed` (after fine-tune, paired with both controls), the
 controls; each with `bops_ratio` against the baseline.
 """
@@ -63,6 +70,12 @@ class SbsSpec(BaseModel):
     bops_target: Optional[Union[float, Literal["4bit"]]] = None
     bops_match: bool = False                          # [INFER] penalise BOPs below the target too (equal budgets)
     first_last_bits: int = Field(8, ge=2, le=32)      # the code: stem and classifier at 8 bits
+    # [INFER] a fair start from a pretrained network (docs/sbs.md): clips calibrated on data (paper: alpha = 1),
+    # weights on their own scale (standardised: the code's alpha (2 Q(z) - 1)), input bits from running statistics
+    alpha_init: Literal["calibrated", "paper"] = "calibrated"
+    weight_scale: Literal["restored", "standardised"] = "restored"
+    input_bits: Literal["running", "batch"] = "running"
+    warmup_epochs: int = Field(0, ge=0)               # [INFER] QAT at the largest width before the gates learn
     search_epochs: int = Field(30, ge=1)              # ABS
     search_lr: float = Field(0.001, gt=0)             # ABS: 0.001 from the FP model
     finetune_epochs: int = Field(200, ge=0)           # ABS
@@ -156,15 +169,21 @@ def check_group_size(graph: ChannelGraph, groups: list[str], group_size: int) ->
 def _quant_policy(spec: SbsSpec, bits: int | None = None) -> dict:
     b = bits or spec.bits[-1]
     return {"method": "sbs", "w_bits": b, "a_bits": b, "first_last": spec.first_last_bits,
-            "first_last_method": "minmax"}
+            "first_last_method": "minmax", "act_init": spec.alpha_init, "sbs_weight_scale": spec.weight_scale}
 
 
-def build_searching(ctx, base, spec: SbsSpec, channels: str):
-    """The pretrained model, quantized, with bit-sharing quantizers and (unless channels is
-    'none') channel gates; returns (model, channel gates or None, quantizers, graph)."""
-    model = quantize_(copy.deepcopy(base), _quant_policy(spec))
+def build_quantized(ctx, base, spec: SbsSpec, bits: int | None = None) -> nn.Module:
+    """A copy of the pretrained model with the sbs quantizer at `bits` (default: the largest
+    candidate), calibrated on training batches."""
+    model = quantize_(copy.deepcopy(base), _quant_policy(spec, bits))
     calibrate(model, ctx.eval_loader("train"), num_batches=4)
-    quantizers = search_(model, spec.bits)
+    return model
+
+
+def build_searching(ctx, model, spec: SbsSpec, channels: str):
+    """`model` (from build_quantized) with bit-sharing quantizers and (unless channels is
+    'none') channel gates, in place; returns (model, channel gates or None, quantizers, graph)."""
+    quantizers = search_(model, spec.bits, spec.input_bits)
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
     graph = ChannelGraph(model, example)
     groups = channel_groups(graph, channels)
@@ -267,19 +286,21 @@ def _finetune_cfg(ctx, spec):
     return ctx.recipe.train.multistep(spec.finetune_epochs, spec.finetune_lr, spec.finetune_milestones)
 
 
-def _search_cfg(ctx, spec):
-    return ctx.recipe.train.model_copy(update={"epochs": spec.search_epochs, "lr": spec.search_lr})
+def _search_cfg(ctx, spec, epochs=None):
+    return ctx.recipe.train.model_copy(update={"epochs": epochs or spec.search_epochs, "lr": spec.search_lr})
 
 
-def _run_sbs(ctx, spec, base, channels: str, tag: str, target_bops: float | None):
-    model, gates, quantizers, graph = build_searching(ctx, base, spec, channels)
+def _run_sbs(ctx, spec, start, channels: str, tag: str, target_bops: float | None):
+    """Search from a copy of `start` (quantized at the largest width, warmed up), then freeze."""
+    model, gates, quantizers, graph = build_searching(ctx, copy.deepcopy(start), spec, channels)
     objective = sbs_objective(spec, model, graph, gates, target_bops)
     ctx.train_stage(f"sbs-{tag}search", {"net": model}, objective, cfg=_search_cfg(ctx, spec),
                     callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio)],
                     param_options={"gate": {"weight_decay": 0.0, **({"lr": spec.threshold_lr} if spec.threshold_lr else {})}})
-    model.eval()
-    with torch.no_grad():   # each input's bits are chosen from the last batch it saw: one training batch, eval mode
-        model(next(iter(ctx.eval_loader("train")))[0])
+    if spec.input_bits == "batch":
+        model.eval()
+        with torch.no_grad():   # the code's choice: each input's bits from the last batch it saw (one training batch)
+            model(next(iter(ctx.eval_loader("train")))[0])
     return freeze(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
 
 
@@ -297,8 +318,7 @@ def sbs(ctx) -> None:
 
     four = None   # the uniform 4-bit model: a control, and what bops_target '4bit' measures
     if "uniform4" in spec.controls or spec.bops_target == "4bit":
-        four = quantize_(copy.deepcopy(base), _quant_policy(spec, bits=4))
-        calibrate(four, ctx.eval_loader("train"), num_batches=4)
+        four = build_quantized(ctx, base, spec, bits=4)
     if spec.bops_target == "4bit":
         target = cost.profile(four, ctx.input_size).bops
     else:
@@ -312,18 +332,24 @@ def sbs(ctx) -> None:
         return row
 
     controls = [f"sbs/{'4bit' if c == 'uniform4' else 'bits-only'}" for c in spec.controls]
-    compact = _run_sbs(ctx, spec, base, spec.channels, "", target)
+    # the start of both searches (bits-only's too: with every gate open the same network), warmed up once
+    start = build_quantized(ctx, base, spec)
+    ctx.record_init("sbs/init", start, stage="sbs-warmup" if spec.warmup_epochs else "sbs-search")
+    if spec.warmup_epochs:
+        ctx.train_stage("sbs-warmup", {"net": start}, cfg=_search_cfg(ctx, spec, spec.warmup_epochs))
+    compact = _run_sbs(ctx, spec, start, spec.channels, "", target)
     record("sbs/searched", compact, None, "sbs-search")
     best = ctx.train_stage("sbs-finetune", {"net": compact}, cfg=_finetune_cfg(ctx, spec)) \
         if spec.finetune_epochs else None
     record("sbs/compressed", compact, best, "sbs-finetune", control=controls or None)
     if "bits_only" in spec.controls:
-        bits_only = _run_sbs(ctx, spec, base, "none", "bits-only-", target)
+        bits_only = _run_sbs(ctx, spec, start, "none", "bits-only-", target)
         best = ctx.train_stage("sbs-bits-only-finetune", {"net": bits_only}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
         record("sbs/bits-only", bits_only, best, "sbs-bits-only-finetune")
-    if "uniform4" in spec.controls:
-        ctx.train_stage("sbs-4bit-search", {"net": four}, cfg=_search_cfg(ctx, spec))
+    if "uniform4" in spec.controls:   # QAT for as many epochs as warm-up and search together
+        ctx.record_init("sbs/init-4bit", four, stage="sbs-4bit-search")
+        ctx.train_stage("sbs-4bit-search", {"net": four}, cfg=_search_cfg(ctx, spec, spec.warmup_epochs + spec.search_epochs))
         best = ctx.train_stage("sbs-4bit-finetune", {"net": four}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
         record("sbs/4bit", four, best, "sbs-4bit-finetune", searched=False)

@@ -49,15 +49,36 @@ def q_unit(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 class BitGates(nn.Module):
     """Thresholds t_j of one quantizer's bit gates (optimiser category `gate`: no weight decay
-    when the method says so)."""
+    when the method says so), and running means of the residuals (`running_means`, updated in
+    training mode with `momentum` as BatchNorm's statistics; saved with the model) for gates
+    that decide from them instead of from one batch."""
     param_category = "gate"
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, momentum: float = 0.1):
         super().__init__()
         self.threshold = nn.Parameter(torch.zeros(k))
+        self.momentum = momentum
+        self.register_buffer("running_means", torch.zeros(k))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))   # training batches folded in
 
     def forward(self, residual: torch.Tensor, j: int) -> torch.Tensor:
         return threshold_ste(residual.abs().mean(), self.threshold[j])
+
+    @torch.no_grad()
+    def running(self, means: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The residual means the gates decide from: in training mode this batch's folded into
+        the running means (the first batch sets them); in eval mode the running means (this
+        batch's before any training batch)."""
+        batch = torch.stack(list(means))
+        if self.training:
+            if self.seen == 0:
+                self.running_means.copy_(batch)
+            else:
+                self.running_means.lerp_(batch, self.momentum)
+            self.seen += 1
+        elif self.seen == 0:
+            return list(batch)
+        return list(self.running_means.clone())
 
 
 @torch.no_grad()
@@ -149,11 +170,16 @@ class _BitSharing:
 
     def _init_sharing(self) -> None:
         self.candidates, self.gates, self.products, self.last_means = None, None, [], None
+        self.from_running = False
 
-    def start_search(self, bits) -> None:
+    def start_search(self, bits, from_running: bool = False) -> None:
+        """Search over `bits`; `from_running`: the gates decide from running means of the
+        residuals (inputs: a batch's residuals vary, so a per-batch choice flips between widths)."""
         self.candidates = check_candidates(bits)
         self.gates = BitGates(len(self.candidates) - 1).to(self.alpha.device)
+        self.gates.train(self.training)
         self.bits = self.candidates[-1]
+        self.from_running = from_running
         self.products: list = []   # this forward's cumulative gate products (expected_bits)
 
     def expected_bits(self) -> torch.Tensor | float:
@@ -169,12 +195,14 @@ class _BitSharing:
     def freeze_(self, bits: int) -> None:
         """Search over: keep `bits`, drop the gates."""
         self.bits, self.candidates, self.gates, self.products = bits, None, None, []
+        self.from_running = False
 
     def _gate_products(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
         """P_k = prod_{i<=k} g_i, g_i = 1[mean|r_i| > t_i] with the sigmoid gradient to t_i,
         and the width they choose."""
         keep, out = None, []
-        self.last_means = residual_means(z.detach(), self.candidates)   # what the bits were chosen from
+        means = residual_means(z.detach(), self.candidates)
+        self.last_means = self.gates.running(means) if self.from_running else means   # what the bits come from
         for j, m in enumerate(self.last_means):
             g = threshold_ste(m, self.gates.threshold[j])
             keep = g if keep is None else keep * g
@@ -292,11 +320,11 @@ class SBSAct(_BitSharing, PACTAct):
         super().__init__(bits, signed, alpha=1.0, clip_percentile=clip_percentile)
         self._init_sharing()
 
-    def start_search(self, bits) -> None:
+    def start_search(self, bits, from_running: bool = False) -> None:
         if self.signed:
             raise TandemError("bit sharing quantizes unsigned inputs (after a ReLU); this layer's input is "
                               "signed: keep it at a fixed width (first_last, skip or overrides)")
-        super().start_search(bits)
+        super().start_search(bits, from_running)
 
     def _z(self, x):
         return torch.clamp(x / self.alpha.abs().clamp_min(1e-8), 0, 1)
@@ -308,20 +336,28 @@ class SBSAct(_BitSharing, PACTAct):
         return _SharedAct.apply(x, self.alpha, products, self.candidates, width)
 
     def selected(self) -> int:
-        """The width chosen on the last batch this quantizer saw (its residual means)."""
+        """The width the gates choose: from the running means of the residuals when the search
+        keeps them (frozen from the statistics of every training batch), else from the last
+        batch this quantizer saw."""
+        if self.from_running and int(self.gates.seen) > 0:
+            return self.chosen_bits(self.gates.running_means)
         if getattr(self, "last_means", None) is None:
-            raise TandemError("an input's bits are chosen from the last batch it saw; run a forward pass first")
+            raise TandemError("an input's bits are chosen from the batches it saw; run a forward pass first")
         return self.chosen_bits(self.last_means)
 
 
-def search_(model: nn.Module, bits) -> list:
+def search_(model: nn.Module, bits, input_bits: str = "running") -> list:
     """Every `sbs` quantizer of `model` (weights, and inputs found unsigned at calibration)
-    becomes a bit-sharing one over `bits`; returns them."""
+    becomes a bit-sharing one over `bits`; returns them. `input_bits`: 'running' = the input
+    gates decide from running means of the residuals, 'batch' = from each batch's (the code)."""
+    if input_bits not in ("running", "batch"):
+        raise TandemError(f"input_bits = {input_bits!r}; allowed: running, batch")
     out = []
     for m in model.modules():
         if isinstance(m, (SBSWeight, SBSAct)) and m.bits < 32 and not (isinstance(m, SBSAct) and m.signed):
-            m.start_search(bits)   # a signed input (no ReLU before it, e.g. MobileNetV2's
-            out.append(m)          # bottleneck) stays at its fixed width, symmetric [INFER]
+            # a signed input (no ReLU before it, e.g. MobileNetV2's bottleneck) stays at its fixed width [INFER]
+            m.start_search(bits, from_running=isinstance(m, SBSAct) and input_bits == "running")
+            out.append(m)
     if not out:
         raise TandemError("search_: the model has no sbs quantizers; quantize_ it with method='sbs' first")
     return out
