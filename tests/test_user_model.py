@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 FACTORY = "test_user_model:UserNet"
 METHODS = ["baseline", "prune", "quantize", "mutual", "independent", "pqkd", "pdd", "picpq", "sbs"]
 TINY = ["train.epochs=1", "train.progress=false", "prune.finetune_epochs=1", "mutual.epochs=1", "distill.epochs=1",
-        "pdd.epochs=1", "pdd.finetune_epochs=1", "picpq.evaluations=3", "picpq.population=2", "picpq.sample=2",
+        "pdd.epochs=1", "pdd.finetune_epochs=1", "pdd.gate_placement=groups", "picpq.evaluations=3", "picpq.population=2", "picpq.sample=2",
         "picpq.search_steps=2", "picpq.finetune_epochs=1", "picpq.qat_epochs=[1,1]", "sbs.search_epochs=1",
         "sbs.finetune_epochs=1"]
 

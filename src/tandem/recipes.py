@@ -170,7 +170,7 @@ class Recipe(Section):
 
     name: Optional[str] = None
     method: Union[str, list[str]] = Field(default_factory=lambda: list(DEFAULT_JOB))
-    protocol: Literal["cpu-small", "paper", "smoke"] = "cpu-small"
+    protocol: Literal["cpu-small", "cpu-medium", "paper", "smoke"] = "cpu-small"
     seed: int = Field(0, ge=0)
     device: str = "auto"
     model: ModelSpec = Field(default_factory=ModelSpec)
