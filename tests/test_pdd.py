@@ -1,5 +1,7 @@
 """PDD: its objective against methods.md §3.3, the MACs budget penalty, inheritance, a run end to
-end with its controls, resume after SIGKILL, and bad input refused before a run folder exists."""
+end with its controls, the paper's per-block gates on a ResNet (pruned and L1 control at the
+gates' widths, a start equal to the baseline), resume after SIGKILL, and bad input refused before
+a run folder exists."""
 import json
 import os
 import signal
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 from tandem import cost
 from tandem.cli import main
-from tandem.engine import save_model
+from tandem.engine import load_model, save_model
 from tandem.methods.pdd import PddSpec, _reinit, pdd_objective
 from tandem.models import create_model
 from tandem.prune.gates import gate_
@@ -73,7 +75,8 @@ def test_pdd_runs_end_to_end_with_controls(tmp_path, capsys, one_thread):
     assert main(["run", *TINY, "--out", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = {r["name"]: r for r in results["models"]}
-    assert set(rows) == {"pdd/teacher", "pdd/kd", "pdd/pruned", "pdd/l1-control", "pdd/student"}
+    assert set(rows) == {"pdd/init", "pdd/teacher", "pdd/kd", "pdd/pruned", "pdd/l1-control", "pdd/student"}
+    assert rows["pdd/init"]["init"] and rows["pdd/init"]["macs"] == rows["pdd/kd"]["macs"]
     student = cost.profile(create_model("small_cnn", in_channels=1), (1, 8, 8))
     pruned = rows["pdd/pruned"]
     assert pruned["control"] == "pdd/l1-control" and pruned["macs"] < student.macs
@@ -84,6 +87,7 @@ def test_pdd_runs_end_to_end_with_controls(tmp_path, capsys, one_thread):
     assert sum(pruned["kept"].values()) < 16 + 32 + 64
     recipe = (tmp_path / "run" / "recipe.yaml").read_text()
     assert "pdd:" in recipe and "teacher:" in recipe and "kd_mode: hinton" in recipe
+    assert "gate_placement: paper" in recipe and "gate_init: open" in recipe
 
 
 def _tandem(*args):
@@ -161,3 +165,65 @@ def test_a_student_the_channel_graph_cannot_trace_is_refused_before_the_run(tmp_
         assert not (tmp_path / "run").exists()
     finally:
         MODELS.unregister("untraceable_test_net")
+
+
+RESNET = ["method=pdd", "model.name=resnet20", f"model.widths=[{','.join(['4'] * 7 + ['8'] * 6 + ['16'] * 6)}]",
+          "train.epochs=1", "pdd.epochs=1", "pdd.finetune_epochs=1", "train.progress=false"]
+
+
+def test_paper_placement_prunes_resnet20_per_block_from_a_start_equal_to_the_baseline(tmp_path, one_thread):
+    from tandem.runner import execute
+    recipe = load_recipe(None, [*RESNET, "pdd.student_init=pretrained", "pdd.macs_target=0.5"])
+    results, ctx = execute(recipe, tmp_path / "run")
+    rows = {r["name"]: r for r in results["models"]}
+    init, base = rows["pdd/init"], rows["baseline"]
+    assert init["init"] and init["stage"] == "pdd-distill" and init["macs"] == base["macs"]
+    assert (init["top1"], init["val_top1"]) == (base["top1"], base["val_top1"])   # open gates: the same network
+    kept = rows["pdd/pruned"]["kept"]
+    assert list(kept) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]   # one gate per block, no stem
+    pruned = ctx.models["pdd/pruned"]
+    widths = [4] + [k for k in kept.values() for _ in range(2)]                    # conv1 = conv2 = count_b
+    assert pruned.config["widths"] == widths and widths != recipe.model.widths     # the budget closed some
+    assert ctx.models["pdd/l1-control"].config["widths"] == widths
+    assert rows["pdd/l1-control"]["macs"] == rows["pdd/pruned"]["macs"] < base["macs"]
+    x = torch.randn(3, 1, 8, 8)
+    again = load_model(tmp_path / "run" / rows["pdd/pruned"]["model_file"])[0].eval()
+    torch.testing.assert_close(again(x), pruned.eval()(x))                          # a built-in model file
+
+
+class _UserResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv(x))
+
+
+class _UserResNet(nn.Module):
+    """A residual network that is not built from tandem's blocks."""
+
+    def __init__(self, num_classes, in_channels, widths):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.block = _UserResBlock(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.block(F.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_paper_placement_refuses_a_residual_model_without_tandem_blocks(tmp_path, refused, one_thread):
+    from tandem.models.registry import MODELS, register_model
+    register_model("user_resnet_test_net")(_UserResNet)
+    try:
+        base = ["method=pdd", "model.name=user_resnet_test_net", "pdd.kd_mode=ce_only", "pdd.controls=[student]",
+                "pdd.epochs=1", "pdd.finetune_epochs=0", "train.progress=false"]
+        refused(base, [([], "the student 'user_resnet_test_net' has residual streams (stem, block.conv are added) "
+                            "but is not built from tandem's blocks: set pdd.gate_placement: groups")])
+        assert main(["run", *base, "pdd.gate_placement=groups", "--out", str(tmp_path / "groups")]) == 0
+    finally:
+        MODELS.unregister("user_resnet_test_net")
+    uneven = [16, 8, 16] + [16] * 4 + [32] * 6 + [64] * 6                          # layer1.0: conv1 8, conv2 16
+    refused([*RESNET, f"model.widths={uneven}".replace(" ", "")],
+            [([], "layer1.0 has 8 and 16; or set pdd.gate_placement: groups")])

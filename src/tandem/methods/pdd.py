@@ -4,16 +4,19 @@
     model: resnet20                         # the student
     pdd: {teacher: resnet56, epochs: 50, finetune_epochs: 150}
 
-A sign gate per channel group of the student (prune/gates.py: g = 1[m > 0], m ~ N(0, 0.001²),
-ApproxSign gradient) is trained with the student's weights while the student is distilled from
-a frozen teacher: alpha CE + (1 - alpha) T² KL(teacher || student). The gates of the
-best-validation epoch decide which channels stay; they are removed physically and the smaller
-student is fine-tuned with CE.
+Sign gates on the student (prune/gates.py: g = 1[m > 0], ApproxSign gradient; all open at the
+start, m = |N(0, 0.001²)|) are trained with its weights while it is distilled from a frozen
+teacher: alpha CE + (1 - alpha) T² KL(teacher || student). Where the gates sit is the paper's
+(`gate_placement: paper`): on a tandem ResNet one gate per block, on its output
+(prune/block_gates.py); on a model without residual streams (VGG) one per conv output, which is
+one per channel group. The gates of the best-validation epoch decide which channels stay; they
+are removed physically and the smaller student is fine-tuned with CE.
 
 Stages (each resumable): `pdd-teacher` (when the teacher is trained here), `pdd-distill` (the
 gated student and, side by side on the same batches with one teacher forward, its controls:
 the student distilled without gates and the student trained alone with CE), `pdd-finetune`
-(the pruned student, the L1 control and the student alone, CE). Rows: `pdd/teacher`,
+(the pruned student, the L1 control and the student alone, CE). Rows: `pdd/init` (the gated
+student as distillation starts), `pdd/teacher`,
 `pdd/student` (alone, same total epochs), `pdd/kd` (distilled, no gates, full width),
 `pdd/pruned` and its control `pdd/l1-control` (the distilled twin pruned by filter L1 norm to
 PDD's widths, so the same MACs, and fine-tuned the same). Pruned rows carry `macs_reduction` / `params_reduction` against the unpruned
@@ -33,6 +36,7 @@ from .. import cost
 from ..distill.losses import hinton_kd
 from ..errors import CheckpointError, RecipeError, TandemError
 from ..prune import ChannelPruner
+from ..prune.block_gates import block_gate_, remove_blocks, residual_blocks
 from ..prune.gates import gate_, gates_of, remove_closed
 from ..recipes import ArchSpec, StageMilestones
 from . import best_val, register_method, register_section, traced_graph
@@ -49,7 +53,11 @@ class PddSpec(BaseModel):
     alpha: float = Field(0.6, ge=0, le=1)           # weight of CE; 1 - alpha weighs the KD term
     temperature: float = Field(3.0, gt=0)
     kd_mode: Literal["hinton", "ce_only"] = "hinton"   # ce_only: what the released code trained (§3.3)
-    init_std: float = Field(1e-3, gt=0)             # gate parameters m ~ N(0, init_std²)
+    # paper: a gate per block output on a tandem ResNet, per conv output without residual streams
+    # (VGG); groups: a gate per channel group of the channel graph (block-internal and streams)
+    gate_placement: Literal["paper", "groups"] = "paper"
+    gate_init: Literal["open", "random"] = "open"   # [INFER] open: m = |N(0, init_std²)|; random: the code's
+    init_std: float = Field(1e-3, gt=0)             # scale of the gate init (gate_init)
     epochs: int = Field(50, ge=1)                   # distillation with gates
     batch_size: Optional[int] = Field(None, ge=1)   # of both PDD stages (None: train.batch_size; paper 256)
     lr: float = Field(0.01, gt=0)
@@ -103,7 +111,8 @@ def _example(ctx):
 def _preflight(ctx) -> None:
     """Before the run folder is written: the student must be prunable, the teacher file must fit the data."""
     spec = pdd_spec(ctx)
-    traced_graph(ctx, "pdd", "the student model")
+    graph = traced_graph(ctx, "pdd", "the student model")
+    _check_placement(ctx, spec, graph)
     if spec.teacher_checkpoint:
         from ..engine.checkpoint import read_model_file
         try:
@@ -122,6 +131,33 @@ def _preflight(ctx) -> None:
             and ctx.recipe.methods == ["pdd"]:
         raise RecipeError("recipe error: model.checkpoint would have no effect: pdd.teacher is set and the student "
                           "starts from scratch; drop it, or set pdd.student_init: pretrained")
+
+
+def _block_gated(spec: PddSpec, model: nn.Module) -> bool:
+    """Whether the student gets one gate per residual block (the paper's ResNet masks) rather
+    than one per channel group (the paper's VGG masks, and `gate_placement: groups`)."""
+    return spec.gate_placement == "paper" and residual_blocks(model) is not None
+
+
+def _check_placement(ctx, spec: PddSpec, graph) -> None:
+    """The paper's placement needs tandem's blocks on a model with residual streams (channel
+    groups that several layers' outputs feed, tied by an addition)."""
+    if spec.gate_placement != "paper":
+        return
+    model = graph.model
+    if residual_blocks(model) is not None:
+        try:
+            block_gate_(copy.deepcopy(model), _example(ctx))
+        except TandemError as exc:
+            raise TandemError(f"pdd.gate_placement = 'paper': {exc}; or set pdd.gate_placement: groups") from None
+        return
+    tied = next((g for g in graph.groups if len(g.of_kind("out")) > 1), None)
+    if tied is not None:
+        producers = ", ".join(m.module for m in tied.of_kind("out")[:2])
+        raise RecipeError(f"recipe error: pdd.gate_placement = 'paper' puts one gate on each block output of tandem's "
+                          f"ResNets; the student {ctx.recipe.model.name!r} has residual streams ({producers} are "
+                          f"added) but is not built from tandem's blocks: set pdd.gate_placement: groups (a gate "
+                          f"per channel group)")
 
 
 def _teacher(ctx, spec: PddSpec) -> nn.Module | None:
@@ -175,6 +211,17 @@ def l1_at_widths(net: nn.Module, example: torch.Tensor, counts: dict[str, int]) 
     return pruner.apply(removed)
 
 
+def l1_at_block_widths(net: nn.Module, kept: dict[str, int]) -> nn.Module:
+    """`net` pruned the paper's way (remove_blocks) to `kept[block]` channels per block: those
+    whose conv2 filters (which make the block's output) have the largest L1 norm, the same
+    indices in conv1, as one mask drives both convs of a block in the paper's code."""
+    keep = {}
+    for block, n in kept.items():
+        norms = net.get_submodule(f"{block}.conv2").weight.detach().abs().sum((1, 2, 3))
+        keep[block] = norms.argsort(descending=True)[:n].cpu()
+    return remove_blocks(net, keep)
+
+
 class GateLog:
     """Callback: after each epoch's training, the gated student's kept channels and MACs
     fraction go to metrics.jsonl (how the signs move is what PDD learns)."""
@@ -219,13 +266,16 @@ def pdd(ctx) -> None:
     # 1. distillation: the gated student, and side by side its unmasked twin and the student alone
     gated = copy.deepcopy(start)
     torch.manual_seed(ctx.recipe.seed)
-    gates = gate_(gated, example, "sign", init_std=spec.init_std)
+    blocks = _block_gated(spec, start)
+    options = {"init_std": spec.init_std, "init": spec.gate_init}
+    gates = block_gate_(gated, example, **options) if blocks else gate_(gated, example, "sign", **options)
     nets = {"pdd": gated}
     if {"kd", "l1"} & set(spec.controls):
         nets["kd"] = copy.deepcopy(start)
     if "student" in spec.controls:
         nets["student"] = copy.deepcopy(start)
     objective = pdd_objective(spec, "pdd", gates, full["macs"])
+    ctx.record_init("pdd/init", gated, stage="pdd-distill")
     best = ctx.train_stage("pdd-distill", nets, objective, cfg=_schedule(ctx, spec, spec.epochs, spec.lr, spec.milestones), callbacks=[GateLog(gates, full["macs"])],
                            frozen={"teacher": teacher} if teacher is not None else None)
     if "kd" in spec.controls:
@@ -234,12 +284,13 @@ def pdd(ctx) -> None:
     # 2. the best epoch's closed gates removed; the L1 control: the distilled twin pruned to the
     #    same widths (so the same MACs), its channels chosen by filter L1 norm instead of by gates
     closed = gates_of(gated).closed()
-    pruned = remove_closed(gated, example)
+    pruned = remove_closed(gated, example)   # block gates: the paper's removal (block_gates.remove_blocks)
     if spec.inherit == "reinit":
         _reinit(pruned)
     finetune_nets = {"pruned": pruned}
     if "l1" in spec.controls:
-        finetune_nets["l1-control"] = l1_at_widths(nets["kd"], example, {g: len(i) for g, i in closed.items()})
+        finetune_nets["l1-control"] = l1_at_block_widths(nets["kd"], gates_of(gated).kept()) if blocks else \
+            l1_at_widths(nets["kd"], example, {g: len(i) for g, i in closed.items()})
     if "student" in spec.controls:
         finetune_nets["student"] = nets["student"]
     best = ctx.train_stage("pdd-finetune", finetune_nets, cfg=_schedule(

@@ -99,15 +99,39 @@ class BNScale(Criterion):
                    for m in bns) / len(bns)
 
 
+def break_ties_by_l1(ranks: dict[str, torch.Tensor], graph: ChannelGraph, images: int) -> dict[str, torch.Tensor]:
+    """Average ranks plus (0.5 / images) * |W_i|_1 / max_j |W_j|_1 of each layer's filters, in
+    float64. An average over `images` maps of integer ranks moves in steps of 1 / images, so the
+    term (at most half a step) orders channels of equal rank by their filter's L1 norm and never
+    reorders two different ranks. Small maps saturate the rank (a 7x7 map of a trained ResNet's
+    stage 3 has full rank for nearly every channel): without it those ties go by channel index.
+    float64 because at a rank of ~28 float32 cannot resolve the term between close L1 norms."""
+    if images < 1:
+        raise TandemError(f"break_ties_by_l1: images = {images!r}; the ranks are averages over at least one image")
+    out = {}
+    for name, r in ranks.items():
+        l1 = graph.module(name).weight.detach().flatten(1).abs().sum(1).double().cpu()
+        if l1.numel() != r.numel():
+            raise TandemError(f"break_ties_by_l1: {name} has {l1.numel()} filters but {r.numel()} ranks")
+        out[name] = r.double() + (0.5 / images) * l1 / l1.max().clamp_min(1e-30)
+    return out
+
+
 @register_criterion("hrank")
 class HRank(Criterion):
     """Lin et al. 2020: the average matrix rank of each channel's H x W output map (the conv's
-    output, before BN, as in PIC-PQ's generate_rank.py) over the given batches."""
+    output, before BN, as in PIC-PQ's generate_rank.py) over the given batches. `ties`: 'index'
+    (the paper: equal ranks stay equal, selection takes them in channel order) or 'l1' (equal
+    ranks ordered by the filter's L1 norm, see break_ties_by_l1)."""
     needs_data = True
 
-    def __init__(self, batches: int = 6):
+    def __init__(self, batches: int = 6, ties: str = "index"):
+        if ties not in ("index", "l1"):
+            raise TandemError(f"hrank: ties = {ties!r} is not allowed; choose one of ['index', 'l1']")
         self.batches = batches
+        self.ties = ties
         self.ranks: dict[str, torch.Tensor] = {}
+        self.images = 0   # maps averaged per channel
 
     def prepare(self, graph, batches=()):
         names = {m.module for g in graph.groups for m in g.of_kind("out", "dw")
@@ -141,6 +165,9 @@ class HRank(Criterion):
         if seen == 0:
             raise TandemError("the hrank criterion needs input batches to measure feature-map ranks")
         self.ranks = {n: sums[n] / counts[n] for n in sums}
+        self.images = min(counts.values(), default=0)
+        if self.ties == "l1":
+            self.ranks = break_ties_by_l1(self.ranks, graph, self.images)
 
     def score(self, graph, group):
         parts = []

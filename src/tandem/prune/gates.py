@@ -78,10 +78,16 @@ class Gate(nn.Module):
 
 
 class SignGate(Gate):
-    def __init__(self, size: int, init_std: float = 1e-3, layer: nn.Module | None = None):
+    """``init`` 'random': m ~ N(0, init_std²), the released code's start (about half the
+    channels closed before the first step); 'open': m = |N(0, init_std²)|, every channel open."""
+
+    def __init__(self, size: int, init_std: float = 1e-3, layer: nn.Module | None = None, init: str = "random"):
         super().__init__(size)
-        self.init_std = init_std
-        self.m = nn.Parameter(torch.randn(size) * init_std)
+        if init not in ("random", "open"):
+            raise TandemError(f"sign gate init {init!r} is not known; allowed: random, open")
+        self.init_std, self.init = init_std, init
+        m = torch.randn(size) * init_std
+        self.m = nn.Parameter(m.abs() if init == "open" else m)
 
     def forward(self) -> torch.Tensor:
         return (approx_sign(self.m) + 1) / 2
@@ -90,7 +96,7 @@ class SignGate(Gate):
         return self.m.detach()
 
     def config(self) -> dict:
-        return {"size": self.size, "init_std": self.init_std}
+        return {"size": self.size, "init_std": self.init_std, "init": self.init}
 
 
 class ThresholdGate(Gate):
@@ -149,6 +155,8 @@ class ChannelGates(nn.Module):
     """The model's gates (``gates``: group name with '/' for '.' -> Gate) and where each acts
     (``sites``: key -> [(reading module name, feature offset, repeat)]); ``macs_terms`` (from the traced graph)
     gives the MACs as a function of the gates."""
+
+    transform = "gates"   # the kind of its record in the model's tandem_transforms
 
     def __init__(self, kind: str):
         super().__init__()
@@ -281,13 +289,20 @@ def ungate_(model: nn.Module) -> Removed:
             for hid in [h for h, fn in hooks.items() if isinstance(fn, _GateHook)]:
                 del hooks[hid]
     delattr(model, ATTR)
-    model.tandem_transforms = [t for t in getattr(model, "tandem_transforms", []) if t.get("kind") != "gates"]
+    model.tandem_transforms = [t for t in getattr(model, "tandem_transforms", [])
+                               if t.get("kind") != container.transform]
     return closed
 
 
 def remove_closed(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """The physically smaller model: a copy with the gates gone and their closed channels
-    removed (a built-in model comes back rebuilt from its config)."""
+    removed (a built-in model comes back rebuilt from its config). Block gates (block_gates.py)
+    are removed the paper's way instead (``remove_blocks``)."""
+    if isinstance(gates_of(model), block_gates.BlockGates):
+        return block_gates.remove_blocks(model, gates_of(model).keep())
     model = copy.deepcopy(model)
     closed = ungate_(model)
     return apply_removal(ChannelGraph(model, example_input), closed, inplace=True)
+
+
+from . import block_gates  # noqa: E402  (PDD's per-block gates; registers their model-file transform)
