@@ -500,9 +500,10 @@ def picpq(ctx) -> None:
         if c == "rank":
             identity = {"a": {l: 1.0 for l in ranks}, "b": {l: 0.0 for l in ranks}}
             r_net, r_sparsity, _ = finetune("rank-", candidate_removal(graph, ranks, identity, target, spec.max_ratio))
-            r_in_bits, _ = placement(r_net)
-            r_bits = bits_rule(r_sparsity, spec.penalty)
-            quantize_and_record(tag, name, init, r_net, r_sparsity, r_bits, r_in_bits(r_bits))
+            r_in_bits, r_bops_of = placement(r_net)   # the bit rule, its penalty held at PIC-PQ's BOPs
+            lam = penalty_for(r_bops_of, r_sparsity, max_bits, goal, spec)
+            r_bits = bits_rule(r_sparsity, lam)
+            quantize_and_record(tag, name, init, r_net, r_sparsity, r_bits, r_in_bits(r_bits), penalty=lam)
         elif c == "uniform":
             u, u_bits = uniform_bits_for(bops_of, max_bits, goal, spec.min_bits)
             quantize_and_record(tag, name, init, net, sparsity, u_bits, in_bits_of(u_bits), uniform_bits=u)
