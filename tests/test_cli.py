@@ -26,6 +26,7 @@ def test_default_job_runs_every_joint_method_on_one_baseline(tmp_path):
             assert row["macs"] < 0.6 * base["macs"] and row["w_bits"] == 32
         if name.endswith(("quantized", "distilled", "no-kd")):
             assert row["bops"] < 0.1 * base["bops"]
+    assert not any("gain_over_independent" in rows[n] for n in rows if rows[n].get("init"))
     for peer in ("pruned", "quantized"):
         assert rows[f"mutual/{peer}"]["gain_over_independent"] == pytest.approx(
             rows[f"mutual/{peer}"]["top1"] - rows[f"independent/{peer}"]["top1"])

@@ -82,6 +82,8 @@ def add_gains(rows: list[dict]) -> list[dict]:
     holds the control row `independent/<peer>` (mutual learning's claim is measured, not assumed)."""
     by_name = {r["name"]: r for r in rows}
     for r in rows:
+        if r.get("init"):   # a start, not a result: the two methods' starts are the same peers
+            continue
         control = by_name.get("independent/" + r["name"][len("mutual/"):]) if r["name"].startswith("mutual/") else None
         if control is not None and r.get("top1") is not None and control.get("top1") is not None:
             r["gain_over_independent"] = r["top1"] - control["top1"]
