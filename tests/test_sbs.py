@@ -9,7 +9,7 @@ import torch
 from tandem import cost
 from tandem.cli import main
 from tandem.errors import TandemError
-from tandem.methods.sbs import SearchControl, attach_kept, channel_groups, differentiable_bops, freeze, tau_max
+from tandem.methods.sbs import SearchControl, WidthLog, attach_kept, channel_groups, differentiable_bops, freeze, tau_max
 from tandem.models import list_models
 from tandem.prune import ChannelGraph
 from tandem.prune.gates import gate_
@@ -115,6 +115,9 @@ def test_sbs_runs_end_to_end_and_exports(tmp_path, capsys, one_thread):
     epochs = {stage: sum(1 for r in log if r.get("stage") == stage and "epoch_time" in r)
               for stage in ("sbs-warmup", "sbs-search", "sbs-bits-only-search", "sbs-4bit-search")}
     assert epochs == {"sbs-warmup": 1, "sbs-search": 1, "sbs-bits-only-search": 1, "sbs-4bit-search": 2}
+    widths = [r for r in log if "input_width_flips" in r]   # one line per search epoch of each search
+    assert [r["stage"] for r in widths] == ["sbs-search", "sbs-bits-only-search"]
+    assert all(0 <= r["inputs_that_changed_width"] <= r["inputs"] > 0 for r in widths)
     c = rows["sbs/compressed"]
     assert c["control"] == ["sbs/4bit", "sbs/bits-only"] and c["bops_ratio"] == pytest.approx(
         rows["baseline"]["bops"] / c["bops"])
@@ -222,11 +225,15 @@ def test_input_bits_follow_running_residual_statistics_not_one_batch():
         m_coarse, m_fine = (float(residual_means(x, [2, 4, 8])[0]) for x in (coarse, fine))
         with torch.no_grad():
             q.gates.threshold.copy_(torch.tensor([(m_coarse + m_fine) / 2, 0.0]))
-        seen = []
+        seen, log = [], WidthLog([q])
         for x in [coarse] * 5 + [fine, coarse, fine]:
             q.quantize(x)
+            log.after_step(None)
             seen.append(q._width(torch.stack(q.products).gt(0.5).tolist()))
         widths[mode] = seen
+        written = []
+        log.before_validation(type("T", (), {"stage": "s", "log": type("L", (), {"write": lambda self, r: written.append(r)})()})(), 1)
+        assert written[0]["input_width_flips"] == (0 if mode == "running" else 3)
         if mode == "running":
             assert q.selected() == 8 and int(q.gates.seen) == 8
             before = q.gates.running_means.clone()

@@ -234,6 +234,34 @@ class SearchControl:
                 gate.threshold.clamp_(0, tau_max(gate, self.rho))
 
 
+class WidthLog:
+    """Callback of the search stage: how often each input's width changed from one training step
+    to the next during the epoch (`input_width_flips`, and how many inputs changed at all), into
+    metrics.jsonl, so a width that flips from batch to batch (`input_bits: batch`) shows.
+    Counted on the device; read once per epoch."""
+
+    def __init__(self, quantizers):
+        self.inputs = [q for q in quantizers if isinstance(q, SBSAct)]
+        self.last, self.flips = None, None
+
+    @torch.no_grad()
+    def after_step(self, trainer) -> None:
+        if not self.inputs or not self.inputs[0].products:
+            return
+        now = torch.stack([torch.stack([p.detach() for p in q.products]) for q in self.inputs]).gt(0.5)
+        if self.last is not None:
+            changed = (now != self.last).any(1)
+            self.flips = changed.long() if self.flips is None else self.flips + changed
+        self.last = now
+
+    def before_validation(self, trainer, epoch: int) -> None:
+        if self.flips is not None:
+            trainer.log.write({"stage": trainer.stage, "epoch": epoch, "input_width_flips": int(self.flips.sum()),
+                               "inputs_that_changed_width": int((self.flips > 0).sum()),
+                               "inputs": len(self.inputs)})
+        self.last, self.flips = None, None
+
+
 def tau_max(gate: ThresholdGate, rho: float) -> float:
     """The k-th smallest group score, k = max(1, floor(C rho / G)): at most k groups can close."""
     scores = gate.scores().detach().sort().values
@@ -295,7 +323,7 @@ def _run_sbs(ctx, spec, start, channels: str, tag: str, target_bops: float | Non
     model, gates, quantizers, graph = build_searching(ctx, copy.deepcopy(start), spec, channels)
     objective = sbs_objective(spec, model, graph, gates, target_bops)
     ctx.train_stage(f"sbs-{tag}search", {"net": model}, objective, cfg=_search_cfg(ctx, spec),
-                    callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio)],
+                    callbacks=[SearchControl(quantizers, gates, spec.max_prune_ratio), WidthLog(quantizers)],
                     param_options={"gate": {"weight_decay": 0.0, **({"lr": spec.threshold_lr} if spec.threshold_lr else {})}})
     if spec.input_bits == "batch":
         model.eval()
