@@ -61,3 +61,28 @@ def test_sbs_starts_at_the_baselines_accuracy_with_every_gate_open(baseline, tmp
     _near(rows["sbs/init"], base)
     assert (rows["sbs/init"]["w_bits"], rows["sbs/init"]["a_bits"]) == (8, 8)
     assert rows["sbs/init-4bit"]["init"] and rows["sbs/init-4bit"]["bops"] < rows["sbs/init"]["bops"]
+
+
+def test_init_row_tells_stale_batchnorm_statistics_from_a_broken_start(baseline, tmp_path):
+    """A start that is low only because its stored BN statistics are stale (as after one-shot
+    pruning) is high in `val_top1_bn_reestimated`; the re-estimation works on a copy and draws
+    no random numbers, so the method's training is unchanged."""
+    import torch
+
+    from tandem.recipes import load_recipe
+    from tandem.runner import RunContext
+
+    path, base = baseline
+    ctx = RunContext(load_recipe(None, ["model=preact_resnet20", f"model.widths={WIDTHS}",
+                                        f"model.checkpoint={path}", "train.progress=false"]), tmp_path / "run")
+    net = ctx.checkpoint_model()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.add_(3.0)   # stale statistics: every channel shifted
+    stale = [b.running_mean.clone() for b in net.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    rng = torch.get_rng_state()
+    row = ctx.record_init("quantize/init", net)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b.running_mean) for a, b in
+               zip(stale, (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))))
+    assert row["val_top1"] < base["val_top1"] - 10
+    assert abs(row["val_top1_bn_reestimated"] - base["val_top1"]) <= CLOSE

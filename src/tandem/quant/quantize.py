@@ -154,7 +154,7 @@ def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.M
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.calibrate_weight(layer.weight)
     if any(layer.weight_quantizer is not None and layer.weight_quantizer.rescales for layer in layers):
-        _reestimate_bn(model, batches, num_batches)
+        reestimate_bn(model, batches, num_batches, float_activations=True)
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     if acts:
         for a in acts:
@@ -186,9 +186,10 @@ def _inputs(batches, num_batches, device):
 
 
 @torch.no_grad()
-def _reestimate_bn(model: nn.Module, batches, num_batches) -> None:
+def reestimate_bn(model: nn.Module, batches, num_batches, *, float_activations: bool = False) -> None:
     """BatchNorm running mean/var as the plain average over the batches (momentum None), the
-    activations in float (observing), the weights quantized; every other module in eval mode."""
+    weights quantized, the activations quantized or (`float_activations`, as calibration needs
+    before the activation ranges exist) in float; every other module in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     if not bns:
@@ -197,7 +198,7 @@ def _reestimate_bn(model: nn.Module, batches, num_batches) -> None:
     saved = [(bn, bn.momentum) for bn in bns]
     model.eval()
     for a in acts:
-        a.observing = True
+        a.observing = float_activations
     try:
         for bn in bns:
             bn.reset_running_stats()
@@ -208,9 +209,10 @@ def _reestimate_bn(model: nn.Module, batches, num_batches) -> None:
     finally:
         for bn, momentum in saved:
             bn.momentum = momentum
-        for a in acts:
-            a.observing = False
-            a.reset_stats()
+        if float_activations:
+            for a in acts:
+                a.observing = False
+                a.reset_stats()
         model.train(was_training)
 
 
