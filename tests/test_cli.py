@@ -136,6 +136,29 @@ def test_resume_refuses_changed_settings_and_wall_time_sums_invocations(tmp_path
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
 
 
+def test_a_killed_invocation_counts_up_to_the_last_file_it_wrote(tmp_path):
+    """A SIGKILL leaves invocations.json marked running; the next invocation counts the killed
+    one's time up to the newest file of the folder and says so."""
+    import os
+    import time
+    out = tmp_path / "run"
+    args = ["method=baseline", "train.epochs=1", "train.progress=false"]
+    assert main(["run", *args, "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    marked = json.loads((out / "invocations.json").read_text())
+    assert "running_since" not in marked and first["killed_invocations"] == 0
+    newest = max(p.stat().st_mtime for p in out.rglob("*") if p.is_file() and p.name != "invocations.json")
+    marked["running_since"] = newest - 100.0   # as if an invocation had run for 100 s, then been killed
+    (out / "invocations.json").write_text(json.dumps(marked))
+    os.remove(out / "results.json")
+    time.sleep(1.5)   # the gap before a resume is not the killed invocation's time
+    assert main(["run", "--resume", "--out", str(out)]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["invocations"] == 3 and second["killed_invocations"] == 1
+    assert first["wall_time_s"] + 100.0 <= second["wall_time_s"] < first["wall_time_s"] + 101.0 + 60.0
+    assert "1 killed" in (out / "report.md").read_text()
+
+
 def test_bundled_recipe_from_any_folder_progress_lines_profile_and_packed_eval(tmp_path, monkeypatch, capsys):
     import torch
     monkeypatch.chdir(tmp_path)   # no recipes/ here: the recipe comes from the package

@@ -228,13 +228,32 @@ def _augment_hint(dataset: str) -> str:
     return f"turn it on with {' / '.join(names)}, or leave augment unset"
 
 
-def _record_invocation(out_dir: Path, seconds: float) -> dict:
-    """Add one invocation's wall time to OUT/invocations.json; returns the totals."""
+def _invocations(out_dir: Path) -> dict:
     path = out_dir / "invocations.json"
-    totals = json.loads(path.read_text()) if path.exists() else {"wall_time_s": 0.0, "invocations": 0}
-    totals = {"wall_time_s": totals["wall_time_s"] + seconds, "invocations": totals["invocations"] + 1}
+    return json.loads(path.read_text()) if path.exists() else {"wall_time_s": 0.0, "invocations": 0}
+
+
+def _open_invocation(out_dir: Path) -> None:
+    """Mark OUT/invocations.json as running since now. An invocation still marked when the next
+    one starts was killed (SIGKILL, a lost node) before it could add its time: it is counted up
+    to the newest file it wrote, and `killed_invocations` says how many were counted so."""
+    totals = _invocations(out_dir)
+    if "running_since" in totals:
+        files = [p.stat().st_mtime for p in out_dir.rglob("*") if p.is_file() and p.name != "invocations.json"]
+        totals["wall_time_s"] += max(0.0, max(files, default=totals["running_since"]) - totals["running_since"])
+        totals["invocations"] += 1
+        totals["killed_invocations"] = totals.get("killed_invocations", 0) + 1
+    totals["running_since"] = time.time()
+    atomic_write(out_dir / "invocations.json", lambda tmp: Path(tmp).write_text(json.dumps(totals)))
+
+
+def _record_invocation(out_dir: Path, seconds: float) -> dict:
+    """Add one invocation's wall time to OUT/invocations.json and close it; returns the totals."""
+    totals = _invocations(out_dir)
+    totals.pop("running_since", None)
+    totals.update(wall_time_s=totals["wall_time_s"] + seconds, invocations=totals["invocations"] + 1)
     if out_dir.exists():
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(totals)))
+        atomic_write(out_dir / "invocations.json", lambda tmp: Path(tmp).write_text(json.dumps(totals)))
     return totals
 
 
@@ -283,6 +302,7 @@ def execute(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
     preflight(ctx, steps)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _open_invocation(out_dir)   # first: a killed invocation is counted up to its own last file
         atomic_write(out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
     try:
         for method in steps:
@@ -295,7 +315,8 @@ def execute(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
                "load_average_1_5_15min": {"start": [round(v, 2) for v in load_start],   # this invocation's
                                           "end": [round(v, 2) for v in os.getloadavg()]},
                "wall_time_s": before.get("wall_time_s", time.perf_counter() - start),
-               "invocations": before.get("invocations", 1), "device": str(ctx.device),
+               "invocations": before.get("invocations", 1),
+               "killed_invocations": before.get("killed_invocations", 0), "device": str(ctx.device),
                "world_size": dist_info.world_size,
                "train_images": len(ctx.data.train), "val_images": len(ctx.data.val),
                "test_images": len(ctx.data.test)}   # report.md derives the standard error from it

@@ -249,6 +249,8 @@ def write_report(out_dir: Path, results: dict) -> None:
              *layer_tables(rows),
              "![accuracy vs cost](accuracy_vs_cost.png)", "",
              f"commit `{results.get('commit')}`, wall time {results.get('wall_time_s') or 0:.1f} s over "
-             f"{results.get('invocations', 1)} invocation(s), "
+             f"{results.get('invocations', 1)} invocation(s)"
+             + (f" ({results['killed_invocations']} killed, counted up to the last file it wrote)"
+                if results.get("killed_invocations") else "") + ", "
              f"torch {machine.get('torch')}, {machine.get('cpus')} CPUs", ""]
     atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
