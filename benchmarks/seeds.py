@@ -46,6 +46,10 @@ def main():
     runs = {str(p.parent.relative_to(out)): {k: v for k, v in json.loads(p.read_text()).items()
                                               if k in ("wall_time_s", "invocations", "commit", "load_average_1_5_15min")}
             for p in sorted(out.glob("seed*/**/results.json"))}
+    for name, record in runs.items():   # a hand-written NOTE.txt (e.g. a killed invocation's lost time) travels along
+        note = out / name / "NOTE.txt"
+        if note.exists():
+            record["note"] = note.read_text().strip()
     path = write_result(f"seeds-{args.tag}", {"tandem_command": "tandem " + " ".join(cli), "run_dir": str(out),
                                               "load_average_is_of": "this collecting call; each run folder's "
                                               "own training: runs",
