@@ -19,13 +19,13 @@ from common import write_result  # noqa: E402
 
 def stages(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    by_stage: dict[str, list[dict]] = {}
-    for r in records:
+    by_stage: dict[str, dict[int, dict]] = {}
+    for r in records:   # an epoch a killed invocation logged is logged again on resume: the last one counts
         if "epoch_time" in r:
-            by_stage.setdefault(r["stage"], []).append(r)
+            by_stage.setdefault(r["stage"], {})[r["epoch"]] = r
     out = []
-    for stage, rows in by_stage.items():
-        rows.sort(key=lambda r: r["epoch"])
+    for stage, epochs in by_stage.items():
+        rows = [epochs[e] for e in sorted(epochs)]
         nets = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("val_top1/")})
         entry = {"stage": stage, "epochs": len(rows),
                  "seconds_per_epoch": round(sum(r["epoch_time"] for r in rows) / len(rows), 1), "nets": {}}
