@@ -3,6 +3,8 @@ differentiable BOPs against cost.profile of the hard configuration on every buil
 gradients to every threshold, the tau clamp, compact = gated model, and a run end to end."""
 import json
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -232,7 +234,7 @@ def test_input_bits_follow_running_residual_statistics_not_one_batch():
             seen.append(q._width(torch.stack(q.products).gt(0.5).tolist()))
         widths[mode] = seen
         written = []
-        log.before_validation(type("T", (), {"stage": "s", "log": type("L", (), {"write": lambda self, r: written.append(r)})()})(), 1)
+        log.before_validation(SimpleNamespace(stage="s", log=SimpleNamespace(write=written.append)), 1)
         assert written[0]["input_width_flips"] == (0 if mode == "running" else 3)
         if mode == "running":
             assert q.selected() == 8 and int(q.gates.seen) == 8

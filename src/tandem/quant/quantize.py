@@ -195,7 +195,7 @@ def reestimate_bn(model: nn.Module, batches, num_batches, *, float_activations: 
     if not bns:
         return
     was_training = model.training
-    saved = [(bn, bn.momentum) for bn in bns]
+    saved, observing = [(bn, bn.momentum) for bn in bns], [(a, a.observing) for a in acts]
     model.eval()
     for a in acts:
         a.observing = float_activations
@@ -209,10 +209,10 @@ def reestimate_bn(model: nn.Module, batches, num_batches, *, float_activations: 
     finally:
         for bn, momentum in saved:
             bn.momentum = momentum
-        if float_activations:
-            for a in acts:
-                a.observing = False
-                a.reset_stats()
+        for a, was_observing in observing:
+            a.observing = was_observing
+            if float_activations:
+                a.reset_stats()   # the ranges seen here were only a means to the statistics
         model.train(was_training)
 
 
