@@ -10,6 +10,7 @@ each checked against the PyTorch model on the test set.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import TandemError
@@ -17,7 +18,12 @@ from .onnx import OnnxExport, export_onnx, int_grid, onnx_agreement, ort_session
 from .packed import load_packed, pack_bits, save_packed, unpack_bits
 
 FORMATS = ("onnx", "safetensors")
+PARITY_MIN = 99.0   # % of test images on which onnxruntime must predict what PyTorch predicts
 RECORD = ("dataset", "seed", "mean", "std", "input_size")   # what a packed file keeps of its model file's record
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _test_data(meta: dict, data_root, cache: dict):
@@ -29,9 +35,12 @@ def _test_data(meta: dict, data_root, cache: dict):
     return cache[key]
 
 
-def export_run(target, fmt: str, out_dir=None, data_root=None, log=print) -> list[dict]:
+def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_mismatch: bool = False,
+               warn=None) -> list[dict]:
     """Export every model of a run folder (or one model file); returns one summary per model,
-    also written to <out>/export.json."""
+    also written to <out>/export-<fmt>.json. An ONNX file whose predictions agree with PyTorch's
+    on fewer than PARITY_MIN % of the test images is removed (kept with `allow_mismatch`) and its
+    row says `parity: false`; `warn` (default: stderr) gets one line per such model."""
     import torch
     from .. import cost
     from ..engine import load_model
@@ -52,12 +61,21 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print) -> lis
         if fmt == "onnx":
             rep = export_onnx(model, out / f"{path.stem}.onnx", shape)
             check = onnx_agreement(model, rep.path, loader)
+            parity = check["agreement"] >= PARITY_MIN
             row = {"model": path.stem, "file": rep.path, "bytes": rep.bytes, "int8_weight_layers": len(rep.int8_weights),
                    "float_weight_layers": rep.float_weights, "qdq_input_layers": len(rep.qdq_inputs),
-                   "bn_folded": rep.bn_folded, "notes": rep.notes, **check}
+                   "bn_folded": rep.bn_folded, "notes": rep.notes, **check, "parity": parity}
             log(f"{path.stem}: {rep.path} ({rep.bytes:,} bytes; int8 weights in {len(rep.int8_weights)} layers, "
                 f"QDQ inputs in {len(rep.qdq_inputs)}); onnxruntime top-1 {check['top1_onnx']:.2f}% vs PyTorch "
                 f"{check['top1_torch']:.2f}%, same prediction on {check['agreement']:.2f}% of {check['n']} test images")
+            if not parity:
+                if not allow_mismatch:
+                    Path(rep.path).unlink()
+                    row["file"] = None
+                (warn or _stderr)(f"{path.stem}: MISMATCH: onnxruntime predicts what PyTorch predicts on only "
+                    f"{check['agreement']:.2f}% of the test images (< {PARITY_MIN:g}%); "
+                    + ("file kept (--allow-mismatch)" if allow_mismatch else
+                       "file removed (--allow-mismatch keeps it)"))
         else:
             file = out / f"{path.stem}.packed.safetensors"
             info = save_packed(model, file, **{k: meta[k] for k in RECORD if k in meta})
@@ -76,5 +94,5 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print) -> lis
     return rows
 
 
-__all__ = ["export_onnx", "onnx_agreement", "ort_session", "OnnxExport", "int_grid", "save_packed", "load_packed",
+__all__ = ["PARITY_MIN", "export_onnx", "onnx_agreement", "ort_session", "OnnxExport", "int_grid", "save_packed", "load_packed",
            "pack_bits", "unpack_bits", "export_run", "FORMATS"]
