@@ -87,6 +87,18 @@ def test_onnx_parity_at_every_width(tmp_path, digits, method, w_bits, a_bits, fi
     assert len(adds) == coarse   # a bias Add for each layer fed by a sub-8-bit DequantizeLinear only
 
 
+@pytest.mark.parametrize("method,bits,first_last", [("lsq", 2, "same"), ("minmax", 8, "same"), ("kmeans", 4, 8)])
+def test_openvino_runs_the_export_with_parity(tmp_path, digits, method, bits, first_last):
+    """The same file in OpenVINO (CPU, f32 precision hint, recorded) predicts what PyTorch predicts."""
+    data, fp, test = digits
+    net = _qat(fp, data, method, w_bits=bits, a_bits=bits, first_last=first_last, per_channel=method != "kmeans",
+               epochs=0 if method == "minmax" else 1, subset=600, lr=1e-3, optimizer="adam")
+    rep = export_onnx(net, tmp_path / "q.onnx", (1, 8, 8))
+    check = onnx_agreement(net, rep.path, test, runtime="openvino")
+    assert check["runtime"] == "openvino" and check["runtime_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert check["agreement"] >= 99.0 and abs(check["top1_onnx"] - check["top1_torch"]) <= 1.0, check
+
+
 def test_onnx_agreement_on_mnist(tmp_path, shared_data):
     """A small version (3000 training, 2000 test images) of benchmarks/quant_export_parity.py."""
     data = load_dataset("mnist", shared_data / "mnist", seed=0)
@@ -159,6 +171,8 @@ def test_export_command_on_a_run(tmp_path, capsys):
     assert json.loads((out / "export" / "export-onnx.json").read_text())[0]["parity"] is True
     assert main(["export", str(out), "--format", "safetensors"]) == 0
     assert "max |logit diff| 0.00e+00" in capsys.readouterr().out
+    assert main(["export", str(out), "--format", "safetensors", "--runtime", "openvino"]) != 0   # nothing to run
+    assert "--runtime openvino checks ONNX files" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:                      # argparse names the allowed formats
         main(["export", str(out), "--format", "tflite"])
     assert exc.value.code == 2 and "choose from 'onnx', 'safetensors'" in capsys.readouterr().err

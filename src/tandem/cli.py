@@ -289,7 +289,8 @@ def cmd_eval(ns) -> int:
 def cmd_export(ns) -> int:
     from .export import export_run
 
-    rows = export_run(ns.target, ns.format, out_dir=ns.out, data_root=ns.data_root, allow_mismatch=ns.allow_mismatch)
+    rows = export_run(ns.target, ns.format, out_dir=ns.out, data_root=ns.data_root, allow_mismatch=ns.allow_mismatch,
+                      runtime=ns.runtime)
     return 0 if ns.allow_mismatch or all(r.get("parity", True) for r in rows) else 1
 
 
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
     ex.add_argument("--out", help="output folder (default RUN_DIR/export)")
     ex.add_argument("--data-root", help="dataset location, if it moved since training")
+    ex.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                    help="run the ONNX check in this runtime (openvino: pip install openvino; CPU, f32 precision "
+                         "hint, recorded in export-onnx.json)")
     ex.add_argument("--allow-mismatch", action="store_true",
                     help="keep an ONNX file that onnxruntime runs differently from PyTorch (same prediction on "
                          "< 99%% of the test images) and exit 0; without it such a file is removed and the exit "

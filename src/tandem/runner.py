@@ -216,8 +216,16 @@ class RunContext:
         w_bits, a_bits = cost.bits_summary(c)
         return {"name": name, "stage": stage, "top1": top1, "val_top1": val_top1,
                 "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
-                "w_bits": w_bits, "a_bits": a_bits,
+                "w_bits": w_bits, "a_bits": a_bits, **_layout_of(net),
                 "layers": cost.layer_summary(c)}   # per conv/linear layer; their macs sum to row['macs']
+
+
+def _layout_of(net) -> dict:
+    """{"quant_layout": ...} for a network quantize_ swapped (its recorded policy), else {}."""
+    for record in reversed(getattr(net, "tandem_transforms", [])):
+        if record.get("kind") == "quantize":
+            return {"quant_layout": record["policy"].get("layout", "inputs")}
+    return {}
 
 
 def _augment_hint(dataset: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import TandemError
 from .onnx import OnnxExport, export_onnx, int_grid, onnx_agreement, ort_session
+from .runtime import RUNTIMES, Runtime, open_runtime
 from .packed import load_packed, pack_bits, save_packed, unpack_bits
 
 FORMATS = ("onnx", "safetensors")
@@ -36,10 +37,11 @@ def _test_data(meta: dict, data_root, cache: dict):
 
 
 def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_mismatch: bool = False,
-               warn=None) -> list[dict]:
+               warn=None, runtime: str = "onnxruntime") -> list[dict]:
     """Export every model of a run folder (or one model file); returns one summary per model,
-    also written to <out>/export-<fmt>.json. An ONNX file whose predictions agree with PyTorch's
-    on fewer than PARITY_MIN % of the test images is removed (kept with `allow_mismatch`) and its
+    also written to <out>/export-<fmt>.json
+    (export-onnx-openvino.json for an OpenVINO check). An ONNX file whose predictions agree with PyTorch's
+    (run in `runtime`: onnxruntime or openvino) on fewer than PARITY_MIN % of the test images is removed (kept with `allow_mismatch`) and its
     row says `parity: false`; `warn` (default: stderr) gets one line per such model."""
     import torch
     from .. import cost
@@ -47,6 +49,10 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_
 
     if fmt not in FORMATS:
         raise TandemError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if runtime not in RUNTIMES:
+        raise TandemError(f"unknown runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
+    if runtime != "onnxruntime" and fmt != "onnx":
+        raise TandemError(f"--runtime {runtime} checks ONNX files; --format {fmt} is checked in PyTorch")
     target = Path(target)
     files = sorted((target / "models").glob("*.safetensors")) if target.is_dir() else [target]
     if not files or not files[0].exists():
@@ -60,19 +66,19 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_
         shape = (data.in_channels, *data.image_size)
         if fmt == "onnx":
             rep = export_onnx(model, out / f"{path.stem}.onnx", shape)
-            check = onnx_agreement(model, rep.path, loader)
+            check = onnx_agreement(model, rep.path, loader, runtime)
             parity = check["agreement"] >= PARITY_MIN
             row = {"model": path.stem, "file": rep.path, "bytes": rep.bytes, "int8_weight_layers": len(rep.int8_weights),
                    "float_weight_layers": rep.float_weights, "qdq_input_layers": len(rep.qdq_inputs),
                    "bn_folded": rep.bn_folded, "notes": rep.notes, **check, "parity": parity}
             log(f"{path.stem}: {rep.path} ({rep.bytes:,} bytes; int8 weights in {len(rep.int8_weights)} layers, "
-                f"QDQ inputs in {len(rep.qdq_inputs)}); onnxruntime top-1 {check['top1_onnx']:.2f}% vs PyTorch "
+                f"QDQ inputs in {len(rep.qdq_inputs)}); {runtime} top-1 {check['top1_onnx']:.2f}% vs PyTorch "
                 f"{check['top1_torch']:.2f}%, same prediction on {check['agreement']:.2f}% of {check['n']} test images")
             if not parity:
                 if not allow_mismatch:
                     Path(rep.path).unlink()
                     row["file"] = None
-                (warn or _stderr)(f"{path.stem}: MISMATCH: onnxruntime predicts what PyTorch predicts on only "
+                (warn or _stderr)(f"{path.stem}: MISMATCH: {runtime} predicts what PyTorch predicts on only "
                     f"{check['agreement']:.2f}% of the test images (< {PARITY_MIN:g}%); "
                     + ("file kept (--allow-mismatch)" if allow_mismatch else
                        "file removed (--allow-mismatch keeps it)"))
@@ -90,9 +96,10 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_
                 f"{expected:,} bytes); reloaded model max |logit diff| {diff:.2e}")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"export-{fmt}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    name = f"export-{fmt}" + ("" if runtime == "onnxruntime" else f"-{runtime}")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
-__all__ = ["PARITY_MIN", "export_onnx", "onnx_agreement", "ort_session", "OnnxExport", "int_grid", "save_packed", "load_packed",
+__all__ = ["PARITY_MIN", "RUNTIMES", "Runtime", "open_runtime", "export_onnx", "onnx_agreement", "ort_session", "OnnxExport", "int_grid", "save_packed", "load_packed",
            "pack_bits", "unpack_bits", "export_run", "FORMATS"]

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..errors import TandemError
 from ..quant.layers import QUANT_LAYERS
 from ..quant.kmeans import KMeansWeight
+from ..quant.quantizers import ActQuantizer
 
 
 @dataclass
@@ -37,6 +38,7 @@ class OnnxExport:
     int8_weights: list[str] = field(default_factory=list)   # layers whose weights are int8 in the file
     float_weights: list[str] = field(default_factory=list)  # exact quantized values kept as float
     qdq_inputs: list[str] = field(default_factory=list)     # layers whose input is int8/uint8 QDQ
+    qdq_tensors: list[str] = field(default_factory=list)    # deploy layout: tensor quantizers as QDQ
     bn_folded: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -60,6 +62,24 @@ def int_grid(wq, w: torch.Tensor):
             if q.min() >= -128 and q.max() <= 127:
                 return q.to(torch.int8), (scale / m).float()
     return None
+
+
+def _int8_grid(aq):
+    """(scale, zero point, lo, hi, (full int8/uint8 range)) of an activation quantizer whose grid
+    fits int8 or uint8, else None."""
+    qp = aq.qparams() if aq is not None else None
+    if qp is None:
+        return None
+    s, zp, qmin, qmax = qp
+    if not (qmin >= -128 and qmax <= 255 and (qmin >= 0 or qmax <= 127)):
+        return None
+    return s, zp, (qmin - zp) * s, (qmax - zp) * s, (0, 255) if qmin >= 0 else (-128, 127)
+
+
+def _qdq(x, act):
+    """Clip to the grid's range, then QuantizeLinear/DequantizeLinear on the full int8 range."""
+    s, zp, lo, hi, (qmin, qmax) = act
+    return torch.fake_quantize_per_tensor_affine(x.clamp(lo, hi), s, zp, qmin, qmax)
 
 
 class _ExportMode:
@@ -86,15 +106,9 @@ class _ExportMode:
         # rounded with float ops (Div, Round, Mul) instead, the same function.
         self.float_input = self.scale is None and wq is not None
         aq = layer.input_quantizer
-        qp = aq.qparams() if aq is not None else None
-        if qp is not None:
-            s, zp, qmin, qmax = qp
-            if qmin >= -128 and qmax <= 255 and (qmin >= 0 or qmax <= 127):
-                lo, hi = (qmin - zp) * s, (qmax - zp) * s
-                full = (0, 255) if qmin >= 0 else (-128, 127)
-                self.act = (s, zp, lo, hi, full)
-                if not self.float_input:
-                    report.qdq_inputs.append(name)
+        self.act = _int8_grid(aq)
+        if self.act is not None and not self.float_input:
+            report.qdq_inputs.append(name)
 
     def input(self, x):
         aq = self.layer.input_quantizer
@@ -102,10 +116,10 @@ class _ExportMode:
             return x
         if self.act is None:
             return aq(x)
-        s, zp, lo, hi, (qmin, qmax) = self.act
+        s, zp, lo, hi, _ = self.act
         if self.float_input:   # clamp(x) is on [lo, hi], so round(x / s) is an integer of the grid
             return torch.round(x.clamp(lo, hi) / s) * s
-        return torch.fake_quantize_per_tensor_affine(x.clamp(lo, hi), s, zp, qmin, qmax)
+        return _qdq(x, self.act)
 
     def attach(self):
         """Buffers, so the tracer keeps them as initializers instead of folding them away."""
@@ -138,6 +152,13 @@ def export_onnx(model: nn.Module, path, input_shape, opset: int = 17, fold_bn: b
     for name, layer in layers:
         layer.export_mode = _ExportMode(layer, report, name)
         layer.export_mode.attach()
+    own = {id(layer.input_quantizer) for _, layer in layers}
+    standalone = [(n, q) for n, q in model.named_modules() if isinstance(q, ActQuantizer) and id(q) not in own]
+    for name, q in standalone:   # the deploy layout's tensor quantizers
+        grid = _int8_grid(q)
+        if grid is not None:
+            q.export_fn = lambda x, grid=grid: _qdq(x, grid)
+            report.qdq_tensors.append(name)
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -151,6 +172,8 @@ def export_onnx(model: nn.Module, path, input_shape, opset: int = 17, fold_bn: b
         for _, layer in layers:
             layer.export_mode.detach()
             layer.export_mode = None
+        for _, q in standalone:
+            q.export_fn = None
     graph = onnx.load_from_string(buf.getvalue())
     _weights_to_int8(graph)
     if fold_bn:
@@ -158,7 +181,8 @@ def export_onnx(model: nn.Module, path, input_shape, opset: int = 17, fold_bn: b
         if clipped:
             report.notes.append(f"{clipped} int8 weights of -128 in channels with a negative BN scale were "
                                 f"clipped to -127 when folding BN")
-    _bias_as_add(graph)
+    _bias_as_add(graph, {name for name, layer in layers if min(layer.w_bits, layer.a_bits) < 8})
+    _requantize_after_pass_through(graph)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
     report.bytes = path.stat().st_size
@@ -302,12 +326,6 @@ def _fold_into_dq(g, dq, q, scale, factor, base) -> int:
     return clipped
 
 
-def _coarse_weight(g, dq) -> bool:
-    """The weight DequantizeLinear `dq` reads int8 codes that all fit 7 bits: a sub-8-bit grid."""
-    q = g.value(dq.input[0])
-    return q is not None and q.dtype == np.int8 and int(np.abs(q.astype(np.int32)).max(initial=0)) < 64
-
-
 def _coarse_input(g, dq) -> bool:
     """The activation DequantizeLinear `dq` reads codes of a sub-8-bit grid (a Clip before its
     QuantizeLinear narrows the int8/uint8 range)."""
@@ -321,9 +339,10 @@ def _coarse_input(g, dq) -> bool:
     return float((hi - lo) / scale) + 1 < 255.5
 
 
-def _bias_as_add(model) -> None:
+def _bias_as_add(model, coarse_layers: set[str]) -> None:
     """Conv/Gemm(x, w, b) -> Add(Conv/Gemm(x, w), b) where the input or the weight is on a
-    sub-8-bit grid. Why: onnxruntime rounds the bias of a Conv fed by DequantizeLinear to int32
+    sub-8-bit grid (a layer of `coarse_layers`, found by the exporter's node name
+    '/.../<layer>/Conv', or an input Clip narrower than int8). Why: onnxruntime rounds the bias of a Conv fed by DequantizeLinear to int32
     on the grid input scale * weight scale; with 2-4-bit scales that rounding moved outputs by up
     to half a step of the next quantizer (2-bit exports disagreed with PyTorch on up to 45% of
     the images). An Add keeps the bias exact; such a conv is not fused into an integer kernel
@@ -331,12 +350,12 @@ def _bias_as_add(model) -> None:
     from onnx import helper
     g = _Graph(model)
     for node in [n for n in g.g.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]]:
-        x_dq, w_dq = g.producer(node.input[0]), g.producer(node.input[1])
+        x_dq = g.producer(node.input[0])
         bias = g.value(node.input[2])
         if x_dq is None or x_dq.op_type != "DequantizeLinear" or bias is None:
             continue
-        if not (_coarse_input(g, x_dq) or (w_dq is not None and w_dq.op_type == "DequantizeLinear"
-                                            and _coarse_weight(g, w_dq))):
+        layer = node.name.split("/")[-2] if node.name.count("/") >= 2 else None
+        if not (layer in coarse_layers or _coarse_input(g, x_dq)):
             continue
         if node.op_type == "Gemm" and (_attr(node, "beta", 1.0) != 1.0 or _attr(node, "transA", 0)):
             continue
@@ -349,6 +368,39 @@ def _bias_as_add(model) -> None:
         add = helper.make_node("Add", [node.output[0], b_name], [out], name=(node.name or out) + "_bias")
         g.g.node.insert(list(g.g.node).index(node) + 1, add)
     g.prune()
+
+
+_PASS_THROUGH = ("Slice", "Pad", "MaxPool", "Flatten", "Reshape", "Identity")
+
+
+def _requantize_after_pass_through(model) -> None:
+    """DequantizeLinear -> Slice/Pad/MaxPool/Flatten/Reshape  ==>  the same, then QuantizeLinear
+    -> DequantizeLinear with the same scale and zero point. Exact: these ops make no new values
+    (a constant Pad adds zeros, which every grid holds), so their output is on their input's grid;
+    with the pair, an int8 runtime keeps the tensor in int8 through them and fuses the Add or
+    conv after them (the option-A shortcut's Slice and Pad)."""
+    from onnx import helper
+    g = _Graph(model)
+    for node in [n for n in g.g.node if n.op_type in _PASS_THROUGH]:
+        dq = g.producer(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or g.value(dq.input[0]) is not None:
+            continue   # not an activation's DequantizeLinear (a weight's reads a constant)
+        if len(dq.input) > 1 and (g.value(dq.input[1]) is None or g.value(dq.input[1]).ndim != 0):
+            continue
+        if node.op_type == "Pad" and (_attr(node, "mode", b"constant") not in (b"constant", "constant")
+                                      or (len(node.input) > 2 and node.input[2]
+                                          and np.any(g.value(node.input[2]) != 0))):
+            continue
+        out = node.output[0]
+        node.output[0] = out + "_pass"
+        q = helper.make_node("QuantizeLinear", [node.output[0], *dq.input[1:]], [out + "_pass_q"],
+                             name=(node.name or out) + "_requant")
+        d = helper.make_node("DequantizeLinear", [out + "_pass_q", *dq.input[1:]], [out],
+                             name=(node.name or out) + "_dequant")
+        i = list(g.g.node).index(node)
+        g.g.node.insert(i + 1, q)
+        g.g.node.insert(i + 2, d)
+        g.made_by = {o: n for n in g.g.node for o in n.output}
 
 
 def _set_axis(node, axis: int) -> None:
@@ -370,16 +422,18 @@ def ort_session(path, threads: int | None = None):
 
 
 @torch.no_grad()
-def onnx_agreement(model: nn.Module, path, loader) -> dict:
-    """Top-1 of the PyTorch model and of onnxruntime on `loader`, and how often they agree."""
-    sess = ort_session(path)
+def onnx_agreement(model: nn.Module, path, loader, runtime: str = "onnxruntime") -> dict:
+    """Top-1 of the PyTorch model and of the ONNX file in `runtime` (tandem.export.runtime) on
+    `loader`, and how often they agree; `runtime_config` says how the runtime was set up."""
+    from .runtime import open_runtime
+    rt = open_runtime(path, runtime)
     model = model.cpu().eval()
     n = agree = correct_t = correct_o = 0
     max_diff = 0.0
     for x, y in loader:
         x, y = x.cpu(), y.cpu()
         zt = model(x)
-        zo = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        zo = torch.from_numpy(rt(x.numpy()))
         pt, po = zt.argmax(1), zo.argmax(1)
         agree += int((pt == po).sum())
         correct_t += int((pt == y).sum())
@@ -389,4 +443,5 @@ def onnx_agreement(model: nn.Module, path, loader) -> dict:
     if n == 0:
         raise TandemError("onnx_agreement: the loader gave no images")
     return {"n": n, "agreement": 100.0 * agree / n, "top1_torch": 100.0 * correct_t / n,
-            "top1_onnx": 100.0 * correct_o / n, "max_logit_diff": max_diff}
+            "top1_onnx": 100.0 * correct_o / n, "max_logit_diff": max_diff, "runtime": rt.name,
+            "runtime_config": rt.config}

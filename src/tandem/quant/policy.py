@@ -88,6 +88,10 @@ class QuantSpec(BaseModel):
     # network's residual branches keep their size); 'standardised' = alpha (2 Q(z) - 1), the code's
     sbs_weight_scale: Literal["restored", "standardised"] = "restored"
     kmeans_iters: int = Field(30, ge=1)
+    # where activations are rounded: 'inputs' (the papers': each quantized layer's own input) or
+    # 'deploy' (each tensor once where it is made, Add inputs included: what an int8 runtime fuses;
+    # tandem/quant/deploy.py)
+    layout: Literal["inputs", "deploy"] = "inputs"
     # for recipes (method `quantize`)
     mode: Literal["qat", "ptq"] = "qat"
     calib_batches: int = Field(4, ge=1)
@@ -104,6 +108,14 @@ class QuantSpec(BaseModel):
         if v in ("fp", "same"):
             return v
         raise ValueError("allowed: bits 1..32, 'fp' (full precision) or 'same' (like the other layers)")
+
+    @model_validator(mode="after")
+    def _layout_quantizer(self):
+        if self.layout == "deploy" and "sbs" in {self.method, self.first_last_method,
+                                                  *(o.method for o in self.overrides.values())}:
+            raise ValueError("layout 'deploy' does not apply to sbs (its quantizers share bits between candidate "
+                             "widths per layer input); use layout: inputs")
+        return self
 
     @model_validator(mode="after")
     def _pact_alpha_used(self):

@@ -121,8 +121,22 @@ def quantize_(model: nn.Module, policy: QuantSpec | dict | None = None, **kwargs
     method="pact", w_bits=4, a_bits=4)`. Call `calibrate(model, batches)` next."""
     spec = make_spec(policy, **kwargs)
     _swap(model, spec)
+    if spec.layout == "deploy":
+        from .deploy import place_for_deploy
+        place_for_deploy(model, lambda bits, like: _deploy_quantizer(bits, like, spec), spec.a_bits)
     record_transform(model, {"kind": "quantize", "policy": spec.model_dump(mode="json")})
     return model
+
+
+def _deploy_quantizer(bits: int, like, spec: QuantSpec) -> ActQuantizer:
+    """A tensor's quantizer in the deploy layout: of the same kind as a reader's (`like`), else
+    of the policy's method; on the model's device at its first calibration."""
+    import copy
+    if like is not None:
+        q = copy.deepcopy(like)
+        q.reset_stats()
+        return q
+    return _make_input_quantizer(spec.method, bits, spec)
 
 
 @register_transform("quantize")

@@ -345,7 +345,12 @@ class ActQuantizer(Quantizer):
             signed = self.signed_rule == "signed"
         self.set_flags(calibrated=True, signed=signed)
 
+    # set by tandem.export while tracing a standalone quantizer (the deploy layout's): QDQ
+    export_fn = None
+
     def forward(self, x):
+        if self.export_fn is not None:
+            return self.export_fn(x)
         if self.bits >= 32:
             return x
         if self.observing:

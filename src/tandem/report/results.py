@@ -210,7 +210,23 @@ def _settings(results: dict) -> list[str]:
             f"held out for model selection)",
             f"- epochs: {', '.join(epochs)}",
             f"- protocol `{results.get('protocol', recipe.get('protocol'))}`, seed {recipe['seed']}, "
-            f"device {results.get('device', '?')}" + (f" x {world} processes" if world > 1 else "")]
+            f"device {results.get('device', '?')}" + (f" x {world} processes" if world > 1 else ""),
+            *_layouts(results.get("models", []))]
+
+
+def _layouts(rows: list[dict]) -> list[str]:
+    """Which activation layout (quant.layout) each quantized row was trained with."""
+    by_layout: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("quant_layout"):
+            by_layout.setdefault(r["quant_layout"], []).append(r["name"])
+    if not by_layout:
+        return []
+    what = {"inputs": "each quantized layer rounds its own input (the papers')",
+            "deploy": "each tensor rounded once where it is made, Add inputs and outputs included (int8 runtimes)"}
+    return ["- activation quantizers: " + "; ".join(
+        f"layout `{k}` ({what.get(k, k)}): {', '.join(v) if len(by_layout) > 1 else 'every quantized row'}"
+        for k, v in by_layout.items())]
 
 
 def layer_tables(rows: list[dict]) -> list[str]:
