@@ -9,6 +9,10 @@ once per model on the full 10,000-image test set. First and last layers at 8 bit
 
     python benchmarks/quant_accuracy.py --seeds 0 1 --subset 10000 --fp-epochs 4 --qat-epochs 2
 
+Both activation layouts (quant.layout inputs and deploy) on a residual network:
+    python benchmarks/quant_accuracy.py --model resnet20 --layouts inputs deploy --quantizers lsq pact minmax \
+        --bits 8 4 --seeds 0 1 2
+
 Seeds can run as separate processes (one core each) and be merged:
     python benchmarks/quant_accuracy.py --seeds 0 --rows /tmp/s0.json &
     python benchmarks/quant_accuracy.py --seeds 1 --rows /tmp/s1.json; wait
@@ -47,6 +51,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quantizers", nargs="+", default=QAT + PTQ)
     p.add_argument("--bits", type=int, nargs="+", default=BITS)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--layouts", nargs="+", default=["inputs"], choices=["inputs", "deploy"])
     p.add_argument("--test-subset", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--rows", help="write this process's rows here and stop (see --merge)")
     p.add_argument("--merge", nargs="+", help="summarise rows written by --rows runs")
@@ -76,39 +82,48 @@ def main() -> None:
             return best["n"]["val_top1"]
 
         torch.manual_seed(seed)
-        fp = create_model("small_cnn", num_classes=10, in_channels=1)
+        fp = create_model(a.model, num_classes=10, in_channels=1)
         t0 = time.perf_counter()
         val_top1 = fit(fp, a.fp_epochs, 3e-3)
         fp_row = {"seed": seed, "quantizer": "fp", "bits": 32, "mode": "fp", "val_top1": val_top1,
                   "top1": evaluate(fp, test_loader)["top1"], "time_s": round(time.perf_counter() - t0, 1)}
         rows.append(fp_row)
         print(fp_row, flush=True)
-        for method in a.quantizers:
-            for bits in a.bits:
-                t0 = time.perf_counter()
-                torch.manual_seed(seed)
-                net = quantize_(copy.deepcopy(fp), method=method, w_bits=bits, a_bits=bits)
-                calibrate(net, calib, num_batches=2)
-                mode = "ptq" if method in PTQ else "qat"
-                val_top1 = fit(net, a.qat_epochs, 1e-3) if mode == "qat" else evaluate(net, val_loader)["top1"]
-                row = {"seed": seed, "quantizer": method, "bits": bits, "mode": mode, "val_top1": val_top1,
-                       "top1": evaluate(net, test_loader)["top1"], "time_s": round(time.perf_counter() - t0, 1)}
-                rows.append(row)
-                print(row, flush=True)
-                (RESULTS / f"quant_accuracy-partial-{'-'.join(map(str, a.seeds))}.json").write_text(
-                    json.dumps(rows, indent=1))
+        for method, bits, layout in ((m, b, lay) for m in a.quantizers for b in a.bits for lay in a.layouts):
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)
+            net = quantize_(copy.deepcopy(fp), method=method, w_bits=bits, a_bits=bits, layout=layout)
+            calibrate(net, calib, num_batches=2)
+            mode = "ptq" if method in PTQ else "qat"
+            val_top1 = fit(net, a.qat_epochs, 1e-3) if mode == "qat" else evaluate(net, val_loader)["top1"]
+            row = {"seed": seed, "quantizer": method, "bits": bits, "layout": layout, "mode": mode,
+                   "val_top1": val_top1,
+                   "top1": evaluate(net, test_loader)["top1"], "time_s": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(row, flush=True)
+            (RESULTS / f"quant_accuracy-partial-{'-'.join(map(str, a.seeds))}.json").write_text(
+                json.dumps(rows, indent=1))
     if a.rows:
         open(a.rows, "w").write(json.dumps({"rows": rows, "wall_time_s": time.perf_counter() - start}))
         return
     summary = []
-    for method in ["fp"] + a.quantizers:
-        for bits in ([32] if method == "fp" else a.bits):
-            accs = [r["top1"] for r in rows if r["quantizer"] == method and r["bits"] == bits]
-            summary.append({"quantizer": method, "w_bits": bits, "a_bits": bits, "n_seeds": len(accs),
-                            "top1_mean": round(statistics.mean(accs), 2),
-                            "top1_spread": round(max(accs) - min(accs), 2),
-                            "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else None})
-    protocol = (f"cpu-small. Fashion-MNIST, small_cnn [16,32,64]. Per seed: validation split = 10% of the "
+    for method, bits, layout in [("fp", 32, None)] + [(m, b, lay) for m in a.quantizers for b in a.bits
+                                                      for lay in a.layouts]:
+        accs = [r["top1"] for r in rows if r["quantizer"] == method and r["bits"] == bits
+                and r.get("layout") == layout]
+        summary.append({"quantizer": method, "w_bits": bits, "a_bits": bits, "layout": layout,
+                        "n_seeds": len(accs),
+                        "top1_mean": round(statistics.mean(accs), 2),
+                        "top1_spread": round(max(accs) - min(accs), 2),
+                        "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else None})
+    if set(a.layouts) == {"inputs", "deploy"}:   # the same seed's baseline, both layouts: paired
+        for e in summary:
+            if e["layout"] == "deploy":
+                pairs = {(r["seed"], r["layout"]): r["top1"] for r in rows
+                         if r["quantizer"] == e["quantizer"] and r["bits"] == e["w_bits"]}
+                e["deploy_minus_inputs_per_seed"] = [round(pairs[s, "deploy"] - pairs[s, "inputs"], 2)
+                                                     for s in a.seeds if (s, "deploy") in pairs and (s, "inputs") in pairs]
+    protocol = (f"cpu-small. Fashion-MNIST, {a.model}. Per seed: validation split = 10% of the "
                 f"60k training images (stratified, seeded), first {a.val_subset} of it used for best-epoch "
                 f"selection; training on a seeded random subset of {a.subset} of the remaining images, batch 128, "
                 f"no augmentation. FP baseline: Adam lr 3e-3, wd 5e-4, cosine, {a.fp_epochs} epochs. Quantized: "
@@ -116,9 +131,11 @@ def main() -> None:
                 f"with min-max), calibrate on 2 batches of 512 training images, then QAT with Adam lr 1e-3, wd 5e-4, "
                 f"cosine, {a.qat_epochs} epochs (dorefa, pact, lsq, kmeans) or nothing more (minmax, percentile: "
                 f"PTQ). Test top-1 on {'all 10,000' if a.test_subset is None else f'the first {a.test_subset}'} "
-                f"test images, once per model. Per-tensor weight scales. "
+                f"test images, once per model. Per-tensor weight scales. quant.layout {a.layouts}. "
                 f"torch threads {a.threads}.")
-    path = write_result("quant_accuracy-fashion-mnist", {
+    name = "quant_accuracy-fashion-mnist" + ("" if a.model == "small_cnn" else f"-{a.model}") + \
+        ("" if a.layouts == ["inputs"] else "-layouts")
+    path = write_result(name, {
         "protocol": protocol, "summary": summary, "runs": rows,
         "wall_time_s": round(time.perf_counter() - start, 1)})
     for f in RESULTS.glob("quant_accuracy-partial-*.json"):
