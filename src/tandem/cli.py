@@ -239,7 +239,22 @@ def cmd_profile(ns) -> int:
         model = create_model(ns.model, num_classes=ns.num_classes, in_channels=ns.in_channels or 3)
         shape = (ns.in_channels or 3, ns.input_size or 32, ns.input_size or 32)
     report = cost.profile(model, shape, w_bits=ns.w_bits, a_bits=ns.a_bits, first_last_bits=ns.first_last_bits)
-    print(json.dumps(report.to_dict(), indent=2) if ns.json else report.table())
+    out = report.to_dict()
+    if ns.latency:
+        from .latency import measure
+        _set_threads(ns)
+        out.update(measure(model, shape, batch=ns.latency_batch))
+    if ns.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(report.table())
+    if ns.latency:
+        setup = out["latency_setup"]
+        for runtime, by_batch in out["latency_ms"].items():
+            print(f"latency {runtime}: " + ", ".join(f"{ms:.3f} ms at batch {b}" for b, ms in by_batch.items()))
+        print(f"(CPU, {setup['threads']} threads, median of {setup['rounds']} interleaved rounds; CPU flags "
+              f"{' '.join(setup['cpu_flags']) or 'unknown'}; load average {setup['load_average_1min']}"
+              + (f"; not exported: {setup['onnx_error']}" if "onnx_error" in setup else "") + ")")
     return 0
 
 
@@ -352,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bits of the first conv and last linear layer (default: same as the others)")
     pr.add_argument("--data-root", help="a model file's dataset location, if it moved since training")
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--latency", action="store_true",
+                    help="also measure inference latency on this CPU: eager and onnxruntime, batch 1 and "
+                         "--latency-batch (use --threads to set the threads)")
+    pr.add_argument("--latency-batch", type=int, default=32)
+    pr.add_argument("--threads", metavar="N", help="torch and onnxruntime threads for --latency")
     pr.set_defaults(fn=cmd_profile)
 
     ls = sub.add_parser("list", help="list models, datasets and methods")

@@ -143,6 +143,23 @@ class TrainSpec(Section):
         return self
 
 
+class ReportSpec(Section):
+    """What each results row measures beyond accuracy and counted cost, and what the report
+    ranks by. `latency`: every row's measured inference latency (tandem/latency.py: CPU,
+    batch 1 and `latency_batch`, eager and onnxruntime); `cost`: what the verdict's Pareto front
+    and the plot's first panel use (bops, macs, or latency: onnxruntime at `latency_batch`,
+    eager where a model does not export)."""
+    latency: bool = True
+    latency_batch: int = Field(32, ge=1)
+    cost: Literal["bops", "macs", "latency"] = "bops"
+
+    @model_validator(mode="after")
+    def _latency_measured(self):
+        if self.cost == "latency" and not self.latency:
+            raise ValueError("cost 'latency' needs latency: true (nothing would be measured to rank by)")
+        return self
+
+
 DEFAULT_JOB = ["independent", "mutual", "pqkd"]
 # The default job's compression, strong enough that its rows differ by more than the noise of
 # digits' 359 test images (about 0.4 points of standard error at 99%): P keeps 6% of the MACs,
@@ -176,6 +193,7 @@ class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     @model_validator(mode="after")
     def _method_sections(self):

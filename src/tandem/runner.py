@@ -185,6 +185,8 @@ class RunContext:
                        mean=list(self.data.mean), std=list(self.data.std), seed=self.recipe.seed,
                        input_size=list(self.input_size))
         row = self._row(name, net, test["top1"], val_top1, stage or name, cost_options)
+        if self.recipe.report.latency and self.dist.is_main:
+            row.update(latency_columns(net, self.input_size, self.recipe.report.latency_batch))
         row["model_file"] = str(model_file.relative_to(self.out_dir))
         if control:
             row["control"] = control
@@ -218,6 +220,19 @@ class RunContext:
                 "params": c.params, "macs": c.macs, "bops": c.bops, "bytes": c.bytes,
                 "w_bits": w_bits, "a_bits": a_bits, **_layout_of(net),
                 "layers": cost.layer_summary(c)}   # per conv/linear layer; their macs sum to row['macs']
+
+
+def latency_columns(net, input_size, batch: int) -> dict:
+    """A results row's latency: `<runtime>_ms_1` and `<runtime>_ms_batch` (ms per call of a
+    batch of 1 and of `latency_batch` images; runtime eager or ort), and how it was measured."""
+    from .latency import measure
+    m = measure(net, input_size, batch=batch)
+    cols = {f"{short}_ms_{'1' if b == '1' else 'batch'}": ms
+            for runtime, short in (("eager", "eager"), ("onnxruntime", "ort"))
+            for b, ms in m["latency_ms"].get(runtime, {}).items()}
+    if batch == 1:
+        cols.update({k.replace("_ms_1", "_ms_batch"): v for k, v in list(cols.items()) if k.endswith("_ms_1")})
+    return {**cols, "latency_batch": batch, "latency_setup": m["latency_setup"]}
 
 
 def _layout_of(net) -> dict:

@@ -55,7 +55,10 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return ticks
 
 
-def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "") -> None:
+def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "",
+                          first: tuple[str, str] = ("bops", "BOPs")) -> None:
+    """Test top-1 against cost: `first` (row key, label; BOPs, or measured latency with
+    report.cost latency) and MACs, log scale, with each panel's Pareto front."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,7 +70,7 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "") -> None
     baseline = next((r for r in rows if r["name"] == "baseline" and r.get("top1") is not None), None)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
-    for ax, key, label in ((axes[0], "bops", "BOPs"), (axes[1], "macs", "MACs")):
+    for ax, key, label in ((axes[0], *first), (axes[1], "macs", "MACs")):
         shown = [r for r in rows if r.get("top1") is not None and (r.get(key) or 0) > 0]
         seen: dict[str, int] = {}
         for r in shown:
@@ -92,7 +95,8 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "") -> None
             ax.text(0.5, 0.5, "no test accuracy to plot", transform=ax.transAxes, ha="center")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel(f"{label} per image (log scale)")
+        ax.set_xlabel(f"{label} (log scale)" if key.endswith(("_ms_1", "_ms_batch")) else
+                      f"{label} per image (log scale)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(True, alpha=0.3)
     legend = {}   # a row missing from one panel (zero cost) still gets its entry

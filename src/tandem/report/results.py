@@ -22,7 +22,11 @@ OPTIONAL_COLUMNS = [("val_top1_bn_reestimated", "val top-1 %, BN re-estimated", 
                     ("gain_over_independent", "top-1 gain over independent (pp)", "{:+.2f}"),
                     ("macs_reduction", "MACs reduction", "{:.1%}"),
                     ("params_reduction", "params reduction", "{:.1%}"),
-                    ("bops_ratio", "BOPs ratio (x)", "{:.2f}")]
+                    ("bops_ratio", "BOPs ratio (x)", "{:.2f}"),
+                    ("ort_ms_1", "onnxruntime ms (batch 1)", "{:.2f}"),
+                    ("ort_ms_batch", "onnxruntime ms (latency batch)", "{:.2f}"),
+                    ("eager_ms_1", "eager ms (batch 1)", "{:.2f}"),
+                    ("eager_ms_batch", "eager ms (latency batch)", "{:.2f}")]
 SCALE = {"params": 1e-6, "macs": 1e-6, "nonzero_macs": 1e-6, "bops": 1e-9, "bytes": 1 / 1024}
 GLOSSARY = {
     "name": "the results row; the part before '/' is the method that trained it, `baseline` the "
@@ -53,7 +57,23 @@ GLOSSARY = {
     "macs_reduction": "1 - MACs / MACs of the unpruned network the method pruned (e.g. PDD's student)",
     "params_reduction": "1 - params / params of the unpruned network the method pruned",
     "bops_ratio": "BOPs of the full-precision baseline / BOPs of this network (the compression ratio)",
+    "ort_ms_1": "measured: ms per call of one image, the exported ONNX file in onnxruntime on this machine's CPU "
+                "(median of interleaved rounds after warm-up; threads, CPU flags and load in results.json "
+                "`latency_setup`)",
+    "ort_ms_batch": "the same for a batch of `report.latency_batch` images (results.json `latency_batch`)",
+    "eager_ms_1": "measured: ms per call of one image in PyTorch (eval, no grad), as `ort_ms_1`",
+    "eager_ms_batch": "the same for a batch of `report.latency_batch` images",
 }
+
+
+def cost_key(rows: list[dict], cost: str = "bops") -> tuple[str, str]:
+    """(row key, label) of what the Pareto front ranks by: `bops`, `macs`, or measured latency
+    (onnxruntime at the latency batch where every row has it, else eager)."""
+    if cost != "latency":
+        return cost, {"bops": "BOPs", "macs": "MACs"}[cost]
+    if rows and all(r.get("ort_ms_batch") is not None for r in rows):
+        return "ort_ms_batch", "onnxruntime latency (ms, latency batch)"
+    return "eager_ms_batch", "eager latency (ms, latency batch)"
 BUDGETS = (("macs", "MACs", (2, 4, 10)), ("bops", "BOPs", (32, 128, 512)))   # fractions of the reference
 
 
@@ -124,7 +144,7 @@ def _ratio(value, ref) -> str:
     return f"1/{r:.1f}" if r >= 2 else f"{value / ref:.2f}x"
 
 
-def verdict(rows: list[dict], test_images: int | None = None) -> list[str]:
+def verdict(rows: list[dict], test_images: int | None = None, cost: str = "bops") -> list[str]:
     """Markdown bullets that answer "which row, at which cost": the most accurate row, the
     cheapest one that the test set cannot tell apart from it, the best within a few MAC and BOP
     budgets (those that have a candidate) and the Pareto front. Costs are fractions of the
@@ -167,8 +187,9 @@ def verdict(rows: list[dict], test_images: int | None = None) -> list[str]:
             if winner is not previous:   # a looser budget's winner that fits a tighter one wins it too
                 lines.append(f"- Best at <= 1/{f} of {of} {label}: {at(winner)}.")
             previous = winner
-    front = pareto_front([(r.get("bops") or 0, r["top1"], r["name"]) for r in scored])
-    lines.append("- Pareto front (best test top-1 for at most its BOPs, cheapest first): "
+    key, label = cost_key(scored, cost)
+    front = pareto_front([(r.get(key) or 0, r["top1"], r["name"]) for r in scored])
+    lines.append(f"- Pareto front (best test top-1 for at most its {label}, cheapest first): "
                  + " -> ".join(f"{name} {top1:.2f}%" for _, top1, name in front) + ".")
     return lines
 
@@ -254,11 +275,13 @@ def write_report(out_dir: Path, results: dict) -> None:
     atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     recipe, rows, n_test = results["recipe"], results["models"], results.get("test_images")
     trained = [r for r in rows if not r.get("init")]   # a method's start row is a check, not a result
+    cost = (recipe.get("report") or {}).get("cost", "bops")
     plot_accuracy_vs_cost(trained, out_dir / "accuracy_vs_cost.png",
-                          title=f"{recipe['name']}: {recipe['model']['name']} on {recipe['dataset']['name']}")
+                          title=f"{recipe['name']}: {recipe['model']['name']} on {recipe['dataset']['name']}",
+                          first=cost_key(trained, cost))
     machine = results.get("machine") or {}
     lines = [f"# {recipe['name']}", "", "## Settings", "", *_settings(results), "",
-             "## Verdict", "", *verdict(trained, n_test), "", noise_note(trained, n_test), "",
+             "## Verdict", "", *verdict(trained, n_test, cost), "", noise_note(trained, n_test), "",
              "## Results", "",
              markdown_table(rows), "",
              "Columns:", "", glossary(rows), "",
