@@ -6,7 +6,7 @@ import torch
 from tandem.data import BatchLoader, load_dataset
 from tandem.engine import Trainer, TrainingDiverged, cross_entropy_objective, evaluate, lr_factor
 from tandem.engine.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
-from tandem.errors import CheckpointError
+from tandem.errors import CheckpointError, TandemError
 from tandem.models import create_model
 from tandem.recipes import TrainSpec
 
@@ -281,3 +281,34 @@ def test_callback_state_is_checkpointed_and_resumed(data, tmp_path):
             {k: v.tolist() for k, v in full_soft.by_epoch[e].items()}
         assert torch.equal(zeroer.seen[e], full_zeroer.seen[e])
     assert soft.history == full_soft.history
+
+
+@pytest.mark.parametrize("amp,channels_last", [("bf16", False), (True, True), ("bf16", True)])
+def test_bf16_autocast_and_channels_last_reach_the_convs(amp, channels_last):
+    """train.amp bf16 runs the convs in bf16 on a CPU with bf16 instructions (refused on one
+    without); train.channels_last gives them NHWC inputs; training still lowers the loss."""
+    import tandem
+    from tandem.latency import cpu_flags
+    from tandem.recipes import TrainSpec
+    if amp == "bf16" and not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+        with pytest.raises(TandemError, match="no bf16 instructions"):
+            Trainer({"n": tandem.create_model("small_cnn", num_classes=10, in_channels=1)}, cross_entropy_objective,
+                    TrainSpec(epochs=1, amp="bf16", progress=False))
+        return
+    torch.manual_seed(0)
+    net = tandem.create_model("small_cnn", num_classes=10, in_channels=1)
+    seen = []
+    net.features[1][0].register_forward_hook(lambda m, i, o: seen.append(
+        (o.dtype, i[0].is_contiguous(memory_format=torch.channels_last))))
+    x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+
+    class Loader(list):
+        def set_epoch(self, epoch):
+            pass
+    cfg = TrainSpec(epochs=3, batch_size=32, lr=0.05, amp=amp, channels_last=channels_last, progress=False)
+    trainer = Trainer({"n": net}, cross_entropy_objective, cfg)
+    trainer.fit(Loader(batches))
+    assert seen[0] == (torch.bfloat16 if amp == "bf16" else torch.float32, channels_last)
+    losses = [h["ce/n"] for h in trainer.history if "ce/n" in h]
+    assert losses[-1] < losses[0], losses

@@ -118,7 +118,11 @@ class TrainSpec(Section):
     milestones: list[float] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
-    amp: bool = True
+    # autocast: true = bf16 on CUDA (CPU stays float32, as before); 'bf16' = bf16 on CUDA and on a
+    # CPU with bf16 instructions (avx512_bf16 or amx_bf16; refused on one without); false = off
+    amp: Union[bool, Literal["bf16"]] = True
+    channels_last: bool = False   # NHWC tensors for the convs (the oneDNN layout on CPU)
+    compile: bool = False         # torch.compile each trained network (nn.Module.compile, in place)
     sync_bn: bool = True       # SyncBatchNorm under multi-GPU DDP (CUDA only; CPU ranks keep per-rank BN)
     progress: bool = True
     threads: Optional[int] = Field(None, ge=1)   # torch intra-op threads per process (None: torch's default)

@@ -50,10 +50,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA (no loss scaler needed); full precision on CPU."""
-    if amp and device.type == "cuda":
+def autocast_for(device: torch.device, amp):
+    """bf16 autocast (no loss scaler needed): `amp` True on CUDA only (full precision on CPU),
+    'bf16' on CUDA and on a CPU with bf16 instructions, False never."""
+    if amp is True and device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp == "bf16":
+        if device.type == "cpu":
+            from ..latency import cpu_flags
+            if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+                raise TandemError("train.amp bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so "
+                                  "bf16 would be emulated and slower; use amp: true (float32 on CPU)")
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -99,6 +107,13 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda" and cfg.sync_bn:
             nets = {n: torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for n, m in nets.items()}
         self.nets = {n: m.to(self.device) for n, m in nets.items()}
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            for m in self.nets.values():
+                m.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            for m in self.nets.values():
+                m.compile()   # in place: the state dict keeps its keys
         # what the forward pass calls: DDP wrappers under torchrun, the nets themselves otherwise
         self.forward_nets = self.nets
         if self.dist.enabled:
@@ -225,6 +240,8 @@ class Trainer:
         self.steps_per_epoch = len(loader)
         for i, (x, y) in enumerate(loader):
             self._hook("before_step")
+            if x.dim() == 4 and self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             losses = step_fn(x, y)
             total = sum(losses.values())
             self.step += 1
