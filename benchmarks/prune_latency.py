@@ -1,21 +1,29 @@
-"""ResNet-56 (CIFAR input) pruned to 50% of its MACs by each criterion: measured CPU latency of
-the physically smaller model against the dense one, next to the MACs ratio, with Torch-Pruning's
-magnitude pruner on the same model and target as the reference.
+"""ResNet-56 (CIFAR input) pruned to 50% of its MACs: measured CPU latency of the physically
+smaller model against the dense one, next to the MACs ratio, with and without `round_to` (kept
+widths rounded to multiples of 8 or 16), eager, eager with BN folded, and exported to ONNX in
+onnxruntime, at batch 1 and 64. Torch-Pruning's magnitude pruner on the same model and target
+is the reference.
 
 Latency depends only on the architecture, so the weights are untrained (He-init convs, BN
-scales drawn from U(0.2, 1) so bn_scale has something to rank) and HRank sees random inputs.
-All models are timed in one process, interleaved repetition by repetition; the median is
-reported. Every model is timed eager and with BN folded into its convs (as a deployed model runs).
+scales drawn from U(0.2, 1) so that bn_scale has something to rank) and HRank sees random inputs.
+Timing is side by side: every (model, mode, batch) once per round, the order rotating, the median
+over rounds of each round's ratio to the dense model in the same mode and batch.
+
+Two rows explain what no pruning can remove: `fixed cost (every width 1)` is ResNet-56 with one
+channel per layer, the per-layer cost of the framework (dispatch, allocation, launch) that does not
+shrink with the MACs. `bound_given_fixed_cost` is the speed-up over MACs speed-up a model would
+reach with perfect kernels: dense / (fixed + (dense - fixed) * macs_ratio), over 1 / macs_ratio.
+
 tandem prunes the residual streams too (the option-A shortcut's channel map follows the removed
-channels); one row keeps them whole (block-internal channels only, as PFEC prunes ResNet-56)
-to show what that costs in speed.
-Usage: python benchmarks/prune_latency.py [--reps 15] [--threads 1]
+channels); one row keeps them whole (block-internal channels only, as PFEC prunes ResNet-56).
+
+    python benchmarks/prune_latency.py [--rounds 9] [--threads 1] [--criteria l1 fpgm ...]
 """
 from __future__ import annotations
 
 import os
 
-# 18 models x ~110 convs of distinct shapes exceed oneDNN's default primitive cache (1024 entries):
+# ~15 models x ~110 convs of distinct shapes exceed oneDNN's default primitive cache (1024 entries):
 # interleaved timing would then re-create (JIT) the kernels of the pruned models on every call,
 # which a deployed model (one network, ~110 primitives) never does. Must be set before torch loads.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
@@ -23,22 +31,21 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
-
+from common import interleaved_times, round_ratios, write_result  # noqa: E402
 from tandem import cost  # noqa: E402
+from tandem.export import export_onnx, open_runtime  # noqa: E402
 from tandem.models import create_model  # noqa: E402
 from tandem.prune import prune  # noqa: E402
 
-CRITERIA = ["l1", "l2", "fpgm", "bn_scale", "hrank", "random"]
 INTERNAL_IGNORE = ["stem.0", "*.conv2"]
-INTERNAL = "l1 (layer, block-internal only: ignore stem.0, *.conv2)"
+FIXED = "fixed cost (every width 1)"
+BATCHES = {1: 20, 64: 1}            # calls per timing
 
 
 def torch_pruning_reference(model, x, target):
@@ -63,19 +70,53 @@ def torch_pruning_reference(model, x, target):
     return run(hi)[0], tp.__version__
 
 
-def time_once(model, x, inner):
-    start = time.perf_counter()
-    for _ in range(inner):
-        model(x)
-    return (time.perf_counter() - start) / inner
+def build_models(dense, target, criteria):
+    x1 = torch.randn(1, 3, 32, 32)
+    data = [torch.randn(32, 3, 32, 32) for _ in range(4)]
+    specs = {}
+    for crit in criteria:
+        for r in (1, 8, 16):
+            specs[f"{crit} (global{', round_to=' + str(r) if r > 1 else ''})"] = dict(
+                criterion=crit, scope="global", round_to=r, data=data if crit == "hrank" else None)
+    for r in (1, 8):
+        specs[f"l1 (layer{', round_to=' + str(r) if r > 1 else ''})"] = dict(criterion="l1", scope="layer", round_to=r)
+    specs["l1 (layer, block-internal only: ignore stem.0, *.conv2)"] = dict(criterion="l1", scope="layer",
+                                                                           ignore=INTERNAL_IGNORE)
+    models, setup = {"dense": dense}, {}
+    for name, kw in specs.items():
+        start = time.perf_counter()
+        models[name] = prune(dense, x1, macs_target=target, **kw).eval()
+        setup[name] = time.perf_counter() - start
+    tp_model, tp_version = torch_pruning_reference(dense, x1, target)
+    models[f"torch-pruning {tp_version} MagnitudePruner"] = tp_model.eval()
+    models[FIXED] = create_model("resnet56", widths=[1] * 55).eval()
+    return models, setup
+
+
+def runners(models, threads, tmp):
+    """(name, mode) -> {batch: fn}: eager, eager with BN folded (torch.fx fuse), and onnxruntime
+    on tandem's ONNX export (BN folded; onnxruntime fuses Conv+Add+Relu)."""
+    from torch.fx.experimental.optimization import fuse
+    inputs = {b: torch.randn(b, 3, 32, 32) for b in BATCHES}
+    out = {}
+    for name, m in models.items():
+        folded = fuse(m)
+        path = export_onnx(m, Path(tmp) / f"{len(out)}.onnx", (3, 32, 32)).path
+        rt = open_runtime(path, "onnxruntime", threads=threads)
+        out[(name, "eager")] = {b: (lambda m=m, x=x: m(x)) for b, x in inputs.items()}
+        out[(name, "bn-folded")] = {b: (lambda m=folded, x=x: m(x)) for b, x in inputs.items()}
+        out[(name, "onnxruntime")] = {b: (lambda rt=rt, x=x.numpy(): rt(x)) for b, x in inputs.items()}
+    return out, rt.config
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 by default: on a shared machine spinning OpenMP threads make 2-thread timings noise")
     ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--criteria", nargs="+", default=["l1"],
+                    help="global-ranking criteria to time (each at round_to 1, 8, 16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -84,74 +125,54 @@ def main():
         for m in dense.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.2, 1.0)
-    x1 = torch.randn(1, 3, 32, 32)
-    data = [torch.randn(32, 3, 32, 32) for _ in range(4)]
-    models = {"dense": dense}
-    setup = {}
-    for crit in CRITERIA:
-        start = time.perf_counter()
-        models[f"{crit} (global)"] = prune(dense, x1, crit, macs_target=args.target, scope="global",
-                                           data=data if crit == "hrank" else None).eval()
-        setup[f"{crit} (global)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    models["l1 (layer: every criterion gives these widths)"] = prune(dense, x1, "l1", macs_target=args.target,
-                                                                   scope="layer").eval()
-    setup["l1 (layer: every criterion gives these widths)"] = time.perf_counter() - start
-    start = time.perf_counter()   # PFEC's convention (methods.md §6.5): residual streams kept whole
-    models[INTERNAL] = prune(dense, x1, "l1", macs_target=args.target, scope="layer", ignore=INTERNAL_IGNORE).eval()
-    setup[INTERNAL] = time.perf_counter() - start
-    tp_model, tp_version = torch_pruning_reference(dense, x1, args.target)
-    models[f"torch-pruning {tp_version} MagnitudePruner"] = tp_model.eval()
-
+    models, setup = build_models(dense, args.target, args.criteria)
     base_macs = cost.profile(dense).macs
     costs = {name: cost.profile(m) for name, m in models.items()}
-    from torch.fx.experimental.optimization import fuse
-    variants = {(name, "eager"): m for name, m in models.items()}
-    variants.update({(name, "bn-folded"): fuse(m) for name, m in models.items()})
-
-    batches = {1: (x1, 20), 64: (torch.randn(64, 3, 32, 32), 1)}
-    times = {key: {b: [] for b in batches} for key in variants}
-    with torch.inference_mode():
-        for m in variants.values():          # warm-up
-            for x, _ in batches.values():
-                m(x)
-        for _ in range(args.reps):           # interleaved: every model once per repetition
-            for key, m in variants.items():
-                for b, (x, inner) in batches.items():
-                    times[key][b].append(time_once(m, x, inner))
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        fns, ort_config = runners(models, args.threads, tmp)
+        flat = {f"{name} | {mode} | b{b}": fn for (name, mode), by_b in fns.items() for b, fn in by_b.items()}
+        for fn in flat.values():     # warm-up
+            fn()
+        times = {}
+        for b, calls in BATCHES.items():
+            times.update(interleaved_times({k: f for k, f in flat.items() if k.endswith(f"| b{b}")},
+                                           args.rounds, calls=calls, log=False))
     rows = []
-    for (name, mode) in variants:
+    for (name, mode) in fns:
         c = costs[name]
-        dense_ms = {b: statistics.median(times[("dense", mode)][b]) * 1e3 for b in batches}
-        row = {"model": name, "mode": mode, "macs_M": c.macs / 1e6, "params_M": c.params / 1e6,
-               "macs_ratio": c.macs / base_macs, "theoretical_speedup": base_macs / c.macs}
-        for b in batches:
-            ms = statistics.median(times[(name, mode)][b]) * 1e3
-            row[f"latency_ms_b{b}"] = round(ms, 3)
-            row[f"speedup_b{b}"] = round(dense_ms[b] / ms, 3)
-            row[f"speedup_over_macs_speedup_b{b}"] = round((dense_ms[b] / ms) / (base_macs / c.macs), 3)
-            # the fastest repetition: the least disturbed by other jobs on a shared machine
-            best = min(times[(name, mode)][b]) * 1e3
-            row[f"min_latency_ms_b{b}"] = round(best, 3)
-            row[f"min_speedup_over_macs_speedup_b{b}"] = round(
-                (min(times[("dense", mode)][b]) * 1e3 / best) / (base_macs / c.macs), 3)
+        row = {"model": name, "mode": mode, "widths": getattr(models[name], "config", {}).get("widths"),
+               "macs_M": round(c.macs / 1e6, 3), "params_M": round(c.params / 1e6, 4),
+               "macs_ratio": round(c.macs / base_macs, 4), "macs_speedup": round(base_macs / c.macs, 3)}
+        for b in BATCHES:
+            key, ref, fixed = f"{name} | {mode} | b{b}", f"dense | {mode} | b{b}", f"{FIXED} | {mode} | b{b}"
+            speedup = 1 / statistics.median(round_ratios(times, ref, key))
+            dense_ms, fixed_ms = statistics.median(times[ref]) * 1e3, statistics.median(times[fixed]) * 1e3
+            bound = dense_ms / (fixed_ms + (dense_ms - fixed_ms) * c.macs / base_macs)
+            row.update({f"latency_ms_b{b}": round(statistics.median(times[key]) * 1e3, 3),
+                        f"speedup_b{b}": round(speedup, 3),
+                        f"speedup_over_macs_speedup_b{b}": round(speedup * c.macs / base_macs, 3),
+                        f"bound_given_fixed_cost_b{b}": round(bound * c.macs / base_macs, 3)})
         if name in setup:
             row["prune_time_s"] = round(setup[name], 2)
         rows.append(row)
-        print(f"{name:<48} {mode:<9} MACs {row['macs_ratio']:.3f}  b1 {row['latency_ms_b1']:7.2f} ms "
-              f"x{row['speedup_b1']:.2f}  b64 {row['latency_ms_b64']:7.1f} ms x{row['speedup_b64']:.2f}"
-              f"  (b64 speed-up / MACs speed-up: median {row['speedup_over_macs_speedup_b64']:.2f}, "
-              f"fastest {row['min_speedup_over_macs_speedup_b64']:.2f})")
+        if name != FIXED:
+            print(f"{name:<56} {mode:<11} MACs {row['macs_ratio']:.3f}  "
+                  f"b1 {row['latency_ms_b1']:7.2f} ms x{row['speedup_b1']:.2f} "
+                  f"(/MACs {row['speedup_over_macs_speedup_b1']:.2f}, bound {row['bound_given_fixed_cost_b1']:.2f})  "
+                  f"b64 {row['latency_ms_b64']:7.1f} ms x{row['speedup_b64']:.2f} "
+                  f"(/MACs {row['speedup_over_macs_speedup_b64']:.2f})")
+        else:
+            print(f"{name:<56} {mode:<11} b1 {row['latency_ms_b1']:7.2f} ms  b64 {row['latency_ms_b64']:7.1f} ms")
     path = write_result("prune_latency-resnet56", {
         "protocol": (f"ResNet-56, 1x3x32x32 and 64x3x32x32 inputs, fp32, CPU, torch {torch.__version__}, "
-                     f"{args.threads} thread(s), inference_mode, eval, "
-                     f"each model timed twice: eager, and with BN folded into the convs (torch.fx fuse), each mode's "
-                     f"speed-ups relative to the dense model in the same mode; untrained weights (He init, BN scales "
-                     f"U(0.2,1)); hrank on 4 random batches of 32; macs_target={args.target}; "
-                     f"{args.reps} interleaved repetitions (batch 1: mean of 20 calls each); median and fastest "
-                     f"repetition reported (ratios of medians, and of minima). oneDNN primitive cache capacity "
+                     f"{args.threads} thread(s), inference_mode, eval; modes: eager, eager with BN folded "
+                     f"(torch.fx fuse), onnxruntime on tandem's ONNX export ({ort_config}); untrained weights "
+                     f"(He init, BN scales U(0.2,1)); macs_target={args.target}; {args.rounds} interleaved "
+                     f"rounds per batch (batch 1: mean of {BATCHES[1]} calls per timing), the order rotating; "
+                     f"speed-up = 1 / median over rounds of the per-round latency ratio to dense in the same "
+                     f"mode and batch. oneDNN primitive cache capacity "
                      f"{os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']} so that interleaving does not evict kernels."),
-        "target": "speed-up at batch 64 >= 0.75 x the MACs speed-up",
+        "target": "speed-up / MACs speed-up >= 0.9 at 50% MACs, eager and exported, batch 1 and 64 (issue 20)",
         "rows": rows})
     print(f"wrote {path}")
 

@@ -181,6 +181,29 @@ def test_ignore_keeps_the_matching_groups_whole():
         tandem.prune(model, x, ratio=0.5, ignore=["*conv*"])
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_round_to_keeps_widths_multiples_and_the_target(scope):
+    model = _randomize_bn(create_model("resnet56"))
+    x = torch.randn(1, 3, 32, 32)
+    base = cost.profile(model).macs
+    exact = prune(model, x, "l1", macs_target=0.5, scope=scope)
+    small = prune(model, x, "l1", macs_target=0.5, scope=scope, round_to=8)
+    widths = small.config["widths"]
+    assert widths != exact.config["widths"]
+    assert any(w % 8 for w in exact.config["widths"]) and all(w % 8 == 0 for w in widths)
+    assert cost.profile(small).macs <= 0.5 * base * (1 + 1e-9)      # the target still holds
+    # both move in whole blocks (stage 1: 16 -> 8), so they can pass the target by up to one block's MACs
+    assert cost.profile(small).macs >= 0.38 * base
+    removed = ChannelPruner(model, x, "l1", macs_target=0.5, scope=scope, round_to=8).plan()
+    assert all(len(idx) % 8 == 0 for idx in removed.values())        # 16/32/64-wide groups lose whole blocks
+    narrow = prune(create_model("resnet20", widths=[4] * 19), x, "l1", ratio=0.5, round_to=8)
+    assert narrow.config["widths"] == [4] * 19                       # no wider than a block: left whole
+    with pytest.raises(TandemError, match="round_to=0 is not allowed"):
+        prune(model, x, "l1", ratio=0.5, round_to=0)
+    with pytest.raises(TandemError, match="would have no effect"):
+        prune(model, x, "magnitude", ratio=0.5, round_to=8)
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn_scale", "hrank", "random"])
 def test_surgery_preserves_outputs_on_user_models(criterion):
     torch.manual_seed(0)
@@ -374,6 +397,20 @@ def test_prune_recipe_ignore_keeps_those_layers_whole(tmp_path):
     assert net.config["widths"] == [16, 16, 32]
 
 
+def test_prune_recipe_round_to_is_applied_and_recorded(tmp_path):
+    import yaml
+    from tandem.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "method=prune", "prune.ratio=0.3", "prune.round_to=8", "train.epochs=1",
+                 "train.progress=false", "report.latency=false", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    net, _ = load_model(out / rows["pruned"]["model_file"])
+    base, _ = load_model(out / rows["baseline"]["model_file"])
+    assert all(w % 8 == 0 for w in net.config["widths"]) and net.config["widths"] != base.config["widths"]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["prune"]["round_to"] == 8
+
+
 def test_prune_recipe_errors_name_what_is_allowed():
     from tandem.recipes import load_recipe
 
@@ -383,6 +420,8 @@ def test_prune_recipe_errors_name_what_is_allowed():
         load_recipe(None, ["method=prune", "prune.criterion=taylor"])
     with pytest.raises(RecipeError, match="unknown key 'prune.epochs'; allowed here: criterion"):
         load_recipe(None, ["method=prune", "prune.epochs=3"])
+    with pytest.raises(RecipeError, match="would have no effect"):
+        load_recipe(None, ["method=prune", "prune.criterion=magnitude", "prune.ratio=0.5", "prune.round_to=8"])
     r = load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.scope=global", "prune.macs_target=0.3"])
     assert r.prune.target() == {"ratio": None, "macs_target": 0.3}
 

@@ -84,6 +84,7 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
 
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
     options = dict(scope=spec.scope, max_ratio=spec.max_ratio, normalize=spec.normalize, ignore=spec.ignore,
+                   round_to=spec.round_to,
                    criterion_options={"batches": spec.hrank_batches} if spec.criterion == "hrank" else None)
     data = _batches(ctx, spec.hrank_batches) if spec.criterion == "hrank" else None
 

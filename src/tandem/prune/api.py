@@ -28,14 +28,14 @@ class ChannelPruner:
     def __init__(self, model: nn.Module, example_input: torch.Tensor, criterion: str | Criterion = "l1", *,
                  ratio: Optional[float] = None, macs_target: Optional[float] = None, scope: Optional[str] = None,
                  max_ratio: float = 0.9, normalize: str = "auto", data: Optional[Iterable] = None,
-                 criterion_options: Optional[dict] = None, ignore: Sequence[str] = ()):
+                 criterion_options: Optional[dict] = None, ignore: Sequence[str] = (), round_to: int = 1):
         self.criterion = criterion if isinstance(criterion, Criterion) else \
             get_criterion(criterion, **(criterion_options or {}))
         scope = scope or default_scope(self.criterion.name)
         normalize = self.criterion.normalize if normalize == "auto" else normalize
-        check_args(ratio, macs_target, scope, max_ratio, normalize)
+        check_args(ratio, macs_target, scope, max_ratio, normalize, round_to)
         self.options = dict(ratio=ratio, macs_target=macs_target, scope=scope, max_ratio=max_ratio,
-                            normalize=normalize)
+                            normalize=normalize, round_to=round_to)
         self.graph = ChannelGraph(model, example_input)
         if not self.graph.groups:
             raise TandemError(f"{type(model).__name__} has no prunable channel groups")
@@ -75,7 +75,7 @@ def _ignored_groups(graph: ChannelGraph, patterns: Sequence[str]) -> set[str]:
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", *, ratio: Optional[float] = None,
           macs_target: Optional[float] = None, scope: Optional[str] = None, max_ratio: float = 0.9,
           normalize: str = "auto", data: Optional[Iterable] = None, inplace: bool = False,
-          ignore: Sequence[str] = (), **criterion_options) -> nn.Module:
+          ignore: Sequence[str] = (), round_to: int = 1, **criterion_options) -> nn.Module:
     """Prune ``model`` and return the physically smaller model (the input is left unchanged
     unless ``inplace``).
 
@@ -83,7 +83,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
     ``scope='global'``); ``macs_target``: fraction of MACs that remain (0.5 = half). ``data``:
     batches for data-driven criteria (hrank); default: the example input. ``ignore``: globs of
     layer names whose output channels are left whole (e.g. ``["stem.0", "*.conv2"]`` keeps a
-    ResNet's residual streams, as PFEC prunes ResNet-56). A built-in model comes back as
+    ResNet's residual streams, as PFEC prunes ResNet-56). ``round_to``: kept widths are multiples
+    of it (8 or 16 suit CPU kernels; see benchmarks/prune_latency.py). A built-in model comes back as
     ``create_model(name, widths=...)`` with the kept weights.
 
     ``criterion='magnitude'`` is unstructured: the model keeps its shape, the smallest weights
@@ -91,6 +92,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
     reports the saving.
     """
     if criterion == "magnitude":
+        if round_to != 1:
+            raise TandemError("round_to rounds channel counts; magnitude pruning removes single weights "
+                              "and keeps every channel, so it would have no effect")
         if (ratio is None) == (macs_target is None):
             raise TandemError("give exactly one of ratio or macs_target")
         if macs_target is not None and not 0 < macs_target <= 1:
@@ -101,5 +105,5 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
         return out
     pruner = ChannelPruner(model, example_input, criterion, ratio=ratio, macs_target=macs_target, scope=scope,
                            max_ratio=max_ratio, normalize=normalize, data=data, criterion_options=criterion_options,
-                           ignore=ignore)
+                           ignore=ignore, round_to=round_to)
     return pruner.apply(pruner.plan(), inplace=inplace)

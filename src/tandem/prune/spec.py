@@ -25,6 +25,7 @@ class PruneSpec(BaseModel):
     max_ratio: float = Field(0.9, ge=0, lt=1)                 # at most this fraction of a layer goes
     normalize: Literal["auto", "mean", "max", "none"] = "auto"
     ignore: list[str] = Field(default_factory=list)   # globs of layers whose channels stay whole (structured only)
+    round_to: int = Field(1, ge=1)                     # kept widths are multiples of this (structured only)
     steps: int = Field(3, ge=1)                                # iterative: prune/fine-tune rounds
     soft_epochs: int = Field(5, ge=1)                          # soft: epochs of zero-and-regrow
     sparsity_epochs: int = Field(0, ge=0)                      # slimming: epochs with the BN-L1 penalty first
@@ -61,6 +62,9 @@ class PruneSpec(BaseModel):
             raise ValueError(f"ratio {self.ratio} exceeds max_ratio {self.max_ratio}")
         if self.criterion == "magnitude" and self.schedule == "soft":
             raise ValueError("magnitude pruning has no soft schedule; use one_shot or iterative")
+        if self.criterion == "magnitude" and self.round_to != 1:
+            raise ValueError("round_to rounds channel counts; magnitude pruning keeps every channel, "
+                             "so it would have no effect")
         return self
 
     def target(self) -> dict:
