@@ -105,3 +105,20 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def cpu_small_loaders(root: str, seed: int, subset: int, val_subset: int, test_subset: int | None = None):
+    """The cpu-small accuracy protocol's data (Fashion-MNIST): validation = 10% of the training
+    images (stratified, seeded), its first `val_subset` used for model selection; training on a
+    seeded random `subset` of the rest, batch 128, no augmentation; the full test set unless
+    `test_subset`. Returns (train, val, test, calibration) loaders."""
+    import torch
+    from tandem.data import BatchLoader, load_dataset
+    data = load_dataset("fashion-mnist", root, val_fraction=0.1, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    train = data.train.subset(torch.randperm(len(data.train), generator=g)[:subset])
+    val = data.val.subset(torch.arange(min(val_subset, len(data.val))))
+    test = data.test if test_subset is None else data.test.subset(torch.arange(test_subset))
+    norm = dict(mean=data.mean, std=data.std)
+    return (BatchLoader(train, 128, shuffle=True, seed=seed, drop_last=True, **norm),
+            BatchLoader(val, 1000, **norm), BatchLoader(test, 1000, **norm), BatchLoader(train, 512, **norm))

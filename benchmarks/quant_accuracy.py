@@ -28,8 +28,7 @@ import time
 
 import torch
 
-from common import RESULTS, write_result
-from tandem.data import BatchLoader, load_dataset
+from common import RESULTS, cpu_small_loaders, write_result
 from tandem.engine import Trainer, cross_entropy_objective, evaluate
 from tandem.models import create_model
 from tandem.quant import calibrate, quantize_
@@ -65,15 +64,8 @@ def main() -> None:
             rows += json.loads(open(f).read())["rows"]
         a.seeds = sorted({r["seed"] for r in rows})
     for seed in ([] if a.merge else a.seeds):
-        data = load_dataset("fashion-mnist", a.root, val_fraction=0.1, seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        train = data.train.subset(torch.randperm(len(data.train), generator=g)[: a.subset])
-        val = data.val.subset(torch.arange(min(a.val_subset, len(data.val))))
-        loader = BatchLoader(train, 128, shuffle=True, mean=data.mean, std=data.std, seed=seed, drop_last=True)
-        val_loader = BatchLoader(val, 1000, mean=data.mean, std=data.std)
-        test = data.test if a.test_subset is None else data.test.subset(torch.arange(a.test_subset))
-        test_loader = BatchLoader(test, 1000, mean=data.mean, std=data.std)
-        calib = BatchLoader(train, 512, mean=data.mean, std=data.std)
+        loader, val_loader, test_loader, calib = cpu_small_loaders(a.root, seed, a.subset, a.val_subset,
+                                                                   a.test_subset)
 
         def fit(net, epochs, lr):
             cfg = TrainSpec(epochs=epochs, batch_size=128, lr=lr, optimizer="adam", weight_decay=5e-4,
