@@ -12,6 +12,7 @@ from tandem import cost
 from tandem.data import BatchLoader, load_dataset
 from tandem.engine import Trainer, cross_entropy_objective, evaluate
 from tandem.export import export_onnx, load_packed, onnx_agreement, pack_bits, save_packed, unpack_bits
+from tandem.quant import list_quantizers
 from tandem.quant import calibrate, quantize_
 from tandem.recipes import TrainSpec
 
@@ -68,7 +69,7 @@ def test_onnx_int8_agrees_with_fake_quant_on_digits(tmp_path, digits, method, pe
         assert ops.count("QuantizeLinear") == 4   # every input QDQ
 
 
-@pytest.mark.parametrize("method", ["lsq", "pact", "dorefa", "dorefa_picpq", "minmax", "percentile", "kmeans"])
+@pytest.mark.parametrize("method", list_quantizers())
 @pytest.mark.parametrize("w_bits,a_bits,first_last", [(2, 2, "same"), (3, 3, "same"), (4, 4, "same"), (2, 4, 8)])
 def test_onnx_parity_at_every_width(tmp_path, digits, method, w_bits, a_bits, first_last):
     """Every layer at 2, 3 or 4 bits (the first conv's signed input and the classifier included),
@@ -83,7 +84,8 @@ def test_onnx_parity_at_every_width(tmp_path, digits, method, w_bits, a_bits, fi
     check = onnx_agreement(net, rep.path, test)
     assert check["agreement"] >= 99.0 and abs(check["top1_onnx"] - check["top1_torch"]) <= 1.0, check
     adds = [n for n in onnx.load(rep.path).graph.node if n.op_type == "Add"]
-    coarse = 0 if method == "kmeans" else 4 if first_last == "same" else 2   # k-means: float weights, no DQ input
+    integer = tandem.quant.QUANTIZERS.get(method).weight.integer_grid   # k-means: float weights, no DQ input
+    coarse = 0 if not integer else 4 if first_last == "same" else 2
     assert len(adds) == coarse   # a bias Add for each layer fed by a sub-8-bit DequantizeLinear only
 
 

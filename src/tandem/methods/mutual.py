@@ -29,10 +29,9 @@ from ..distill.spec import MutualSpec
 from ..errors import RecipeError
 from ..prune import PruneSpec
 from ..prune.spec import default_scope
-from ..quant import QuantSpec
 from . import best_val, channel_pruning_preflight, register_method, register_section
 from .prune import PrunedNet, build_pruned
-from .quantize import build_quantized
+from .quantize import QuantSection, build_quantized
 
 register_section("mutual", MutualSpec)
 
@@ -76,7 +75,7 @@ def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
     # soft schedule: no fine-tune follows the removal, so the zeroed network must evaluate as
     # the removed one will (SoftPruning.zero_bn); the channels removed are those of the best epoch
     p = build_pruned(ctx, spec, prefix="peers-", soft_zero_bn=True, base=base)
-    q = build_quantized(ctx, ctx.recipe.quant or QuantSpec(), base=base)
+    q = build_quantized(ctx, ctx.recipe.quant or QuantSection(), base=base)
     return p, q
 
 

@@ -26,9 +26,11 @@ from ..distill.objectives import kd_objective
 from ..distill.spec import DistillSpec
 from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
-from ..quant import QUANT_LAYERS, QuantSpec, calibrate, quantize_
+from ..quant import QUANT_LAYERS, calibrate, quantize_
+from ..quant.registry import zero_keeping
 from . import best_val, channel_pruning_preflight, register_method, register_section
 from .prune import build_pruned, finetune_cfg
+from .quantize import QuantSection
 
 register_section("distill", DistillSpec)
 
@@ -58,7 +60,7 @@ def check_zeros_kept(net, masks: dict, method: str) -> None:
         if revived:
             raise TandemError(f"quant.method = {method!r} turns {revived} pruned (zero) weights of layer "
                               f"{name!r} nonzero; with prune.criterion = magnitude use a quantizer whose grid "
-                              f"holds 0: lsq, minmax, percentile, kmeans, dorefa_picpq")
+                              f"holds 0: {', '.join(zero_keeping())}")
 
 
 def _control(ctx, spec: DistillSpec) -> bool:
@@ -69,7 +71,7 @@ def _control(ctx, spec: DistillSpec) -> bool:
 @register_method("pqkd", sections=("prune", "quant", "distill"))
 def pqkd(ctx) -> None:
     pspec = ctx.recipe.prune or PruneSpec()
-    qspec = ctx.recipe.quant or QuantSpec()   # defaults: LSQ W4A4, first/last layer 8 bits
+    qspec = ctx.recipe.quant or QuantSection()   # defaults: LSQ W4A4, first/last layer 8 bits
     dspec = ctx.recipe.distill or DistillSpec()
     teacher = ctx.pretrained()
 

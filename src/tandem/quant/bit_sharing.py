@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..errors import TandemError
 from ..prune.gates import threshold_ste
 from .quantizers import PACTAct, WeightQuantizer, _grad_where_above, round_ste
+from .registry import register_quantizer
 
 
 def check_candidates(bits) -> list[int]:
@@ -234,6 +235,7 @@ class _BitSharing:
 
 class SBSWeight(_BitSharing, WeightQuantizer):
     kind = "sbs"
+    zero_in_grid = False    # alpha (2 Q(z) - 1): odd multiples of alpha / (2^b - 1)
 
     def __init__(self, bits, per_channel=False, channels=1, clip_percentile: float | None = None,
                  restore_scale: bool = True):
@@ -246,6 +248,11 @@ class SBSWeight(_BitSharing, WeightQuantizer):
         self._init_sharing()
         self.kept_by = None   # callables giving the kept entries along an axis (SBS's channel gates)
         self.set_flags(calibrated=True)
+
+    @classmethod
+    def from_spec(cls, bits, layer, spec):
+        return cls(bits, spec.per_channel, layer.weight.shape[0], clip_percentile=spec.clip_percentile(),
+                   restore_scale=spec.sbs_weight_scale == "restored")
 
     @torch.no_grad()
     def calibrate_weight(self, w):
@@ -320,6 +327,10 @@ class SBSAct(_BitSharing, PACTAct):
         super().__init__(bits, signed, alpha=1.0, clip_percentile=clip_percentile)
         self._init_sharing()
 
+    @classmethod
+    def from_spec(cls, bits, spec):
+        return cls(bits, spec.signed_inputs, clip_percentile=spec.clip_percentile())
+
     def start_search(self, bits, from_running: bool = False) -> None:
         if self.signed:
             raise TandemError("bit sharing quantizes unsigned inputs (after a ReLU); this layer's input is "
@@ -361,3 +372,8 @@ def search_(model: nn.Module, bits, input_bits: str = "running") -> list:
     if not out:
         raise TandemError("search_: the model has no sbs quantizers; quantize_ it with method='sbs' first")
     return out
+
+
+register_quantizer("sbs", weight=SBSWeight, act=SBSAct, deploy_layout=False,
+                   description="SBS's quantizer: standardised weights and inputs clipped at a learnable alpha "
+                               "(bit sharing over candidate widths: tandem.quant.bit_sharing)")
