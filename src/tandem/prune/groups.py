@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import TandemError
+from ..quant.layers import float_path
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,6 @@ class ChannelGraph:
                               f"({type(exc).__name__}: {reason}); data-dependent control flow (if/for on tensor "
                               f"values) cannot be traced: rewrite it with tensor ops, or compress without "
                               f"channel pruning (method quantize)") from None
-        from ..quant.layers import float_path   # (here: the quant package imports this one)
         modes = [(m, m.training) for m in model.modules()]
         try:
             model.eval()

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import TandemError
-from ..prune.gates import threshold_ste
-from .quantizers import PACTAct, WeightQuantizer, _grad_where_above, round_ste
+from ..ste import round_ste, threshold_ste
+from .quantizers import PACTAct, WeightQuantizer, _grad_where_above
 from .registry import register_quantizer
 
 

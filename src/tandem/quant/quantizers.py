@@ -20,21 +20,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import TandemError
+from ..ste import grad_scale, round_ste
 from .registry import register_quantizer
 
 
-# ---- straight-through building blocks ----------------------------------------------------
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward (bit-exact), identity backward."""
-    return x.round().detach() + (x - x.detach())
-
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x forward (bit-exact), gradient multiplied by g backward (LSQ's step-size gradient scale)."""
-    y = x * g
-    return x.detach() + (y - y.detach())
-
-
+# ---- straight-through building blocks (round_ste, grad_scale: tandem/ste.py) ----------------
 def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-output-channel vector shaped to broadcast over a weight (C_out, ...)."""
     return t.reshape(-1, *([1] * (like.dim() - 1))) if t.dim() == 1 else t
