@@ -27,8 +27,7 @@ from ..distill import FeatureTap, HintLoss
 from ..distill.objectives import KLRamp, dml_objective
 from ..distill.spec import MutualSpec
 from ..errors import RecipeError
-from ..prune import PruneSpec
-from ..prune.spec import default_scope
+from ..prune import PruneSpec, criterion_class
 from ..quant import QuantSpec
 from . import best_val, channel_pruning_preflight, register_method, register_section
 from .prune import PrunedNet, build_pruned
@@ -57,7 +56,7 @@ def check_scratch(spec: PruneSpec) -> None:
         why = "prune.schedule = iterative fine-tunes P alone between steps"
     elif spec.sparsity_epochs:
         why = f"prune.sparsity_epochs = {spec.sparsity_epochs} trains P alone first"
-    elif spec.schedule == "one_shot" and (spec.scope or default_scope(spec.criterion)) == "global":
+    elif spec.schedule == "one_shot" and (spec.scope or criterion_class(spec.criterion).default_scope) == "global":
         why = "global ranking would compare random weights across layers (use prune.scope=layer)"
     if why:
         raise RecipeError(f"recipe error: mutual.init = 'scratch': {why}")
