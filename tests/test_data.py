@@ -488,6 +488,7 @@ def test_image_folder_cache_hit_corruption_and_invalidation(tmp_path, monkeypatc
     entries = list((tmp_path / "cache" / "decoded").iterdir())
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     assert not list(entries[0].glob("*.tmp"))
+    assert not list(entries[0].glob(".*"))   # no temporary file left beside the entry
 
     real_decode = image_folder.decode_images
     calls = []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .engine.checkpoint import atomic_write
+from .files import atomic_write
 from .errors import TandemError
 from .summary import fmt as _f
 
@@ -236,8 +236,7 @@ def plot_grid(summary: dict, path: Path) -> None:
         ax.set_ylabel("pruner")
         ax.set_title(f"{title}\nmutual - independent (pp)", fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

@@ -24,7 +24,6 @@ import io
 import json
 import multiprocessing
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..files import atomic_write
 from .augment import Augment
 from .core import ImageSet, SourceData, check_int, parse_image_size, stratified_split
 from .registry import register_dataset
@@ -261,22 +261,6 @@ def decode_images(
 # --- cache -------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _read_cache(folder: Path, key: dict) -> tuple[dict[str, np.ndarray], dict] | None:
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
@@ -318,13 +302,14 @@ def cached_arrays(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in arrays.items():
-            _atomic_write(folder / f"{name}.npy", lambda f, a=arr: np.save(f, a, allow_pickle=False))
+            atomic_write(folder / f"{name}.npy", lambda tmp, a=arr: np.save(tmp, a, allow_pickle=False), fsync=True)
         meta = {
             "key": key,
             "info": info,
             "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()},
         }
-        _atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_bytes(json.dumps(meta, indent=1).encode()),
+                     fsync=True)
     except OSError as e:
         warnings.warn(f"could not write the decoded-image cache in {folder} ({e}); continuing without it")
     return arrays, info

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import cost
 from ..engine import Trainer, cross_entropy_objective, evaluate
-from ..engine.checkpoint import atomic_write
+from ..files import atomic_write
 from ..engine.distributed import on_rank0
 from ..errors import RecipeError
 from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
