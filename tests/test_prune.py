@@ -13,6 +13,7 @@ from tandem import cost
 from tandem.engine import load_model, save_model
 from tandem.errors import RecipeError, TandemError
 from tandem.models import create_model, list_models
+from tandem.modes import eval_mode
 from tandem.prune import (ChannelGraph, ChannelPruner, Criterion, KeepMasked, SlimmingPenalty, SoftPruning,
                           get_criterion, list_criteria, magnitude_masks, prune, register_criterion, select)
 from tandem.prune.masks import apply_weight_masks
@@ -125,15 +126,12 @@ class _MeanActivation(Criterion):
             return lambda _m, _i, out: sums.__setitem__(name, sums.get(name, 0) + out.detach().abs().mean((0, 2, 3)))
 
         handles = [graph.module(n).register_forward_hook(hook(n)) for n in convs]
-        was = graph.model.training
-        graph.model.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(graph.model), torch.no_grad():
                 for x in list(batches)[:self.batches]:
                     type(self).seen.append(x.abs().sum().item())
                     graph.model(x)
         finally:
-            graph.model.train(was)
             for h in handles:
                 h.remove()
         self.means = sums

@@ -27,6 +27,7 @@ from ..distill import FeatureTap, HintLoss
 from ..distill.objectives import KLRamp, dml_objective
 from ..distill.spec import MutualSpec
 from ..errors import RecipeError
+from ..modes import eval_mode
 from ..prune import PruneSpec, criterion_class
 from ..quant import QuantSpec
 from . import best_val, channel_pruning_preflight, register_method, register_section
@@ -101,9 +102,8 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
     example = torch.zeros(2, *ctx.input_size, device=ctx.device)
     with torch.no_grad():
         for net in (p, q):
-            was = net.training
-            net.to(ctx.device).eval()(example)
-            net.train(was)
+            with eval_mode(net.to(ctx.device)):
+                net(example)
     hints = nn.ModuleList(HintLoss(tap_p.features[n].shape[1], tap_q.features[n].shape[1])
                           for n in ms.feature_layers)
     return tap_p, tap_q, hints

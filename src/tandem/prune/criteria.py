@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TandemError
+from ..modes import eval_mode
 from ..registry import Registry
 from .groups import ChannelGraph, Group
 from .masks import magnitude_masks
@@ -204,10 +205,8 @@ class HRank(Criterion):
 
         handles = [graph.module(n).register_forward_hook(hook(n)) for n in names]
         model, seen = graph.model, 0
-        modes = [(m, m.training) for m in model.modules()]
         try:
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 for x in batches:
                     if seen >= self.batches:
                         break
@@ -216,8 +215,6 @@ class HRank(Criterion):
         finally:
             for h in handles:
                 h.remove()
-            for m, training in modes:
-                m.training = training
         if seen == 0:
             raise TandemError("the hrank criterion needs input batches to measure feature-map ranks")
         self.ranks = {n: sums[n] / counts[n] for n in sums}
