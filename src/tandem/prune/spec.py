@@ -6,15 +6,19 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import TandemError, one_of
+from ..fields import Fraction
 from .criteria import criterion_class, get_criterion, list_criteria
+
+Ratio = Fraction("[0, 1)", "ratio is the fraction of channels removed")
+MacsTarget = Fraction("(0, 1]", "macs_target is the fraction of MACs that remain")
 
 
 class PruneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     criterion: str = "l1"
-    ratio: Optional[float] = None           # fraction of channels removed, in [0, 1)
-    macs_target: Optional[float] = None     # fraction of MACs that remain, in (0, 1]
+    ratio: Optional[Ratio] = None
+    macs_target: Optional[MacsTarget] = None
     scope: Optional[Literal["layer", "global"]] = None        # None: the criterion's default_scope
     schedule: Literal["one_shot", "iterative", "soft"] = "one_shot"
     max_ratio: float = Field(0.9, ge=0, lt=1)                 # at most this fraction of a layer goes
@@ -43,20 +47,6 @@ class PruneSpec(BaseModel):
                 get_criterion(info.data["criterion"], **v)   # the options, and the values it refuses
             except TandemError as exc:
                 raise ValueError(str(exc)) from None
-        return v
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio(cls, v):
-        if v is not None and not 0 <= v < 1:
-            raise ValueError("ratio is the fraction of channels removed; allowed range [0, 1)")
-        return v
-
-    @field_validator("macs_target")
-    @classmethod
-    def _macs(cls, v):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError("macs_target is the fraction of MACs that remain; allowed range (0, 1]")
         return v
 
     @model_validator(mode="after")
