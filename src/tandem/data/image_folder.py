@@ -315,12 +315,6 @@ def cached_arrays(
     return arrays, info
 
 
-def to_imageset(images_nhwc: np.ndarray, labels: np.ndarray) -> ImageSet:
-    """uint8 N x H x W x C numpy + labels -> contiguous N x C x H x W ImageSet."""
-    images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
-
-
 def check_common_options(what: str, channels, image_size, limit_per_class, workers):
     if channels not in (1, 3) or isinstance(channels, bool):
         raise DataError(f"{what}: option channels must be 1 or 3, got {channels!r}")

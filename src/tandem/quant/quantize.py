@@ -18,7 +18,7 @@ from ..modes import eval_mode
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
 from .policy import QUANTIZERS, QuantSpec, make_spec
 from .bit_sharing import SBSAct, SBSWeight
-from .quantizers import ActQuantizer, DoReFaAct, ObserverAct, PACTAct, WeightQuantizer
+from .quantizers import ActQuantizer, DoReFaAct, ObserverAct, PACTAct
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -225,7 +225,3 @@ def reestimate_bn(model: nn.Module, batches, num_batches, *, float_activations: 
                 a.observing = was_observing
                 if float_activations:
                     a.reset_stats()   # the ranges seen here were only a means to the statistics
-
-
-def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
-    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
