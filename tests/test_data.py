@@ -608,6 +608,15 @@ def test_tiny_imagenet_errors(tmp_path):
         load_dataset("tiny-imagenet", tmp_path)
 
 
+def test_tiny_imagenet_val_images_of_another_size_need_image_size(tmp_path):
+    info = write_tiny(tmp_path, n_val=3)
+    for f in (info["root"] / "val" / "images").iterdir():
+        Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(f, "JPEG")
+    with pytest.raises(DataError, match=r"val images are 7x6 but train images are 8x8; pass image_size"):
+        load_dataset("tiny-imagenet", tmp_path, cache=False)
+    assert load_dataset("tiny-imagenet", tmp_path, image_size=8, cache=False).test.shape == (3, 8, 8)
+
+
 # --- synthetic -----------------------------------------------------------------------------------
 
 
