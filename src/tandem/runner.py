@@ -21,9 +21,9 @@ from . import cost
 from .data import BatchLoader, load_dataset
 from .engine import MetricsLog, Trainer, cross_entropy_objective, evaluate, resolve_device
 from .engine import distributed
-from .engine.checkpoint import (atomic_write, load_checkpoint, load_state, read_model_file, save_checkpoint,
-                                save_model)
+from .engine.checkpoint import load_checkpoint, load_state, read_model_file, save_checkpoint, save_model
 from .errors import TandemError
+from .files import atomic_write
 from .provenance import git_commit, machine
 from .recipes import Recipe, changed_keys, dump_recipe
 

@@ -66,9 +66,11 @@ def traced_graph(ctx, method: str, what: str = "the model"):
 
 def channel_pruning_preflight(method: str):
     """The preflight of a method that prunes with the `prune:` section: unless it prunes single
-    weights (magnitude), the model must trace, before the run folder is written."""
+    weights (an unstructured criterion: magnitude), the model must trace, before the run folder
+    is written."""
     def check(ctx) -> None:
-        if ctx.recipe.prune is not None and ctx.recipe.prune.criterion != "magnitude":
+        from ..prune import criterion_class
+        if ctx.recipe.prune is not None and criterion_class(ctx.recipe.prune.criterion).structured:
             traced_graph(ctx, method)
     return check
 

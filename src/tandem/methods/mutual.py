@@ -27,8 +27,8 @@ from ..distill import FeatureTap, HintLoss
 from ..distill.objectives import KLRamp, dml_objective
 from ..distill.spec import MutualSpec
 from ..errors import RecipeError
-from ..prune import PruneSpec
-from ..prune.spec import default_scope
+from ..modes import eval_mode
+from ..prune import PruneSpec, criterion_class
 from . import best_val, channel_pruning_preflight, register_method, register_section
 from .prune import PrunedNet, build_pruned
 from .quantize import QuantSection, build_quantized
@@ -56,7 +56,7 @@ def check_scratch(spec: PruneSpec) -> None:
         why = "prune.schedule = iterative fine-tunes P alone between steps"
     elif spec.sparsity_epochs:
         why = f"prune.sparsity_epochs = {spec.sparsity_epochs} trains P alone first"
-    elif spec.schedule == "one_shot" and (spec.scope or default_scope(spec.criterion)) == "global":
+    elif spec.schedule == "one_shot" and (spec.scope or criterion_class(spec.criterion).default_scope) == "global":
         why = "global ranking would compare random weights across layers (use prune.scope=layer)"
     if why:
         raise RecipeError(f"recipe error: mutual.init = 'scratch': {why}")
@@ -101,9 +101,8 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
     example = torch.zeros(2, *ctx.input_size, device=ctx.device)
     with torch.no_grad():
         for net in (p, q):
-            was = net.training
-            net.to(ctx.device).eval()(example)
-            net.train(was)
+            with eval_mode(net.to(ctx.device)):
+                net(example)
     hints = nn.ModuleList(HintLoss(tap_p.features[n].shape[1], tap_q.features[n].shape[1])
                           for n in ms.feature_layers)
     return tap_p, tap_q, hints

@@ -30,16 +30,19 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import cost
 from ..distill.losses import hinton_kd
 from ..errors import CheckpointError, RecipeError, TandemError
+from ..fields import Fraction
 from ..prune import ChannelPruner
 from ..prune.block_gates import block_gate_, remove_blocks, residual_blocks
 from ..prune.gates import gate_, gates_of, remove_closed
 from ..recipes import ArchSpec, StageMilestones
 from . import best_val, register_method, register_section, traced_graph
+
+StudentMacs = Fraction("(0, 1]", "macs_target is the fraction of the student's MACs that remain")
 
 
 class PddSpec(BaseModel):
@@ -67,16 +70,9 @@ class PddSpec(BaseModel):
     finetune_lr: float = Field(0.01, gt=0)
     finetune_milestones: StageMilestones = Field(default_factory=lambda: [1 / 3, 2 / 3])   # 50, 100 of 150
     inherit: Literal["kept", "reinit"] = "kept"     # reinit: BN, biases and FC re-initialised, as the code
-    macs_target: Optional[float] = None             # beyond the paper: a budget, fraction of the student's MACs
+    macs_target: Optional[StudentMacs] = None       # beyond the paper: a budget, fraction of the student's MACs
     macs_weight: Optional[float] = Field(None, gt=0)   # its penalty's weight (default 1.0)
     controls: list[Literal["student", "kd", "l1"]] = Field(default_factory=lambda: ["student", "kd", "l1"])
-
-    @field_validator("macs_target")
-    @classmethod
-    def _macs(cls, v):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError("macs_target is the fraction of the student's MACs that remain; allowed range (0, 1]")
-        return v
 
     @model_validator(mode="after")
     def _no_dead_settings(self):

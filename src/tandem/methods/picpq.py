@@ -53,9 +53,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import cost
 from ..engine import Trainer, cross_entropy_objective, evaluate
-from ..engine.checkpoint import atomic_write
 from ..engine.distributed import on_rank0
 from ..errors import RecipeError
+from ..fields import Fraction
+from ..files import atomic_write
 from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
 from ..prune.criteria import HRank, break_ties_by_l1
 from ..quant import calibrate, quantize_
@@ -65,6 +66,7 @@ from . import best_val, register_method, register_section, traced_graph
 
 
 CONTROLS = ("rank", "uniform", "l1_bit_rule", "l1_uniform")
+PruneAway = Fraction("(0, 1)", "prune_away is the fraction of the MACs removed")
 
 
 class PicpqSpec(BaseModel):
@@ -72,7 +74,7 @@ class PicpqSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     rank_batches: int = Field(6, ge=1)
-    prune_away: float = 0.55                 # fraction of the MACs removed (ResNet-56 C10; VGG-16 0.653)
+    prune_away: PruneAway = 0.55             # fraction of the MACs removed (ResNet-56 C10; VGG-16 0.653)
     max_ratio: float = Field(0.9, ge=0, lt=1)   # safeguard 0.1: a layer keeps at least 10% of its channels
     population: int = Field(64, ge=1)
     sample: int = Field(16, ge=1)
@@ -115,13 +117,6 @@ class PicpqSpec(BaseModel):
                                  "and 'l1_bit_rule' (filter L1, PIC-PQ's bit rule); allowed: " + ", ".join(CONTROLS))
             if len(set(map(str, v))) != len(v):
                 raise ValueError("a control is named twice; allowed once each: " + ", ".join(CONTROLS))
-        return v
-
-    @field_validator("prune_away")
-    @classmethod
-    def _away(cls, v):
-        if not 0 < v < 1:
-            raise ValueError("prune_away is the fraction of the MACs removed; allowed range (0, 1)")
         return v
 
     @field_validator("penalty")

@@ -1,7 +1,8 @@
 """prune: pretrained -> prune (one-shot, iterative or soft; network slimming's sparsity training
 first when asked) -> fine-tune -> record the baseline and the physically smaller model.
 
-Unstructured magnitude pruning keeps the shape; its row adds ``nonzero_macs``.
+An unstructured criterion (magnitude) keeps the shape; its row adds ``nonzero_macs``. A
+data-driven criterion (``needs_data``) scores on the first training batches.
 
 `build_pruned` is the part other methods share (mutual, independent): it prunes a copy of the
 pretrained network up to its last training stage and says how that stage must run.
@@ -15,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cost
-from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning
-from ..prune.masks import apply_weight_masks, magnitude_masks
+from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning, get_criterion
+from ..prune.masks import apply_weight_masks
 from ..prune.schedules import step_fraction
 from ..engine.distributed import on_rank0
 from . import best_val, channel_pruning_preflight, register_method, register_section
@@ -25,7 +26,7 @@ register_section("prune", PruneSpec)
 
 
 def _batches(ctx, n):
-    """The first ``n`` training batches, inputs only (HRank's statistics)."""
+    """The first ``n`` training batches, inputs only (a data-driven criterion's statistics)."""
     return [x for x, _ in itertools.islice(iter(ctx.train_loader()), n)]
 
 
@@ -40,7 +41,7 @@ class PrunedNet:
 
     One-shot/iterative: `net` is already physically smaller (iterative: every step but the last
     was fine-tuned). Soft: `net` keeps its shape; `callbacks` zero and regrow its filters during
-    the last stage and `finish()` then removes them. Magnitude: `callbacks` hold the masks."""
+    the last stage and `finish()` then removes them. Unstructured: `callbacks` hold the masks."""
     net: torch.nn.Module
     stage: str                      # the name the prune method gives the last stage
     cfg: object                     # that stage's schedule (a TrainSpec)
@@ -69,12 +70,14 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
     train = ctx.recipe.train
     finetune = finetune_cfg(ctx, spec)
     target = spec.target()
+    criterion_options = spec.options_for_criterion()
+    criterion = get_criterion(spec.criterion, **criterion_options)
 
-    if spec.criterion == "magnitude":
+    if not criterion.structured:
         steps = spec.steps if spec.schedule == "iterative" else 1
         sparsity = target["ratio"] if target["ratio"] is not None else 1 - target["macs_target"]
         for k in range(1, steps + 1):
-            masks = magnitude_masks(net, 1 - (1 - sparsity) ** (k / steps), spec.scope or "layer")
+            masks = criterion.masks(net, 1 - (1 - sparsity) ** (k / steps), spec.scope or criterion.default_scope)
             apply_weight_masks(net, masks)
             cfg = finetune.model_copy(update={"epochs": max(1, finetune.epochs // steps)}) if steps > 1 else finetune
             stage = f"{prefix}finetune{k if steps > 1 else ''}"
@@ -84,9 +87,8 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
 
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
     options = dict(scope=spec.scope, max_ratio=spec.max_ratio, normalize=spec.normalize, ignore=spec.ignore,
-                   round_to=spec.round_to,
-                   criterion_options={"batches": spec.hrank_batches} if spec.criterion == "hrank" else None)
-    data = _batches(ctx, spec.hrank_batches) if spec.criterion == "hrank" else None
+                   round_to=spec.round_to, criterion_options=criterion_options)
+    data = _batches(ctx, spec.data_batches()) if criterion.needs_data else None
 
     if spec.sparsity_epochs:
         cfg = train.model_copy(update={"epochs": spec.sparsity_epochs})

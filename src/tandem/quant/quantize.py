@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..engine.checkpoint import record_transform, register_transform
 from ..errors import RecipeError, TandemError
+from ..modes import eval_mode
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
 from .policy import QuantSpec, make_spec
 from .registry import QUANTIZERS
@@ -154,17 +155,15 @@ def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.M
         for a in acts:
             a.observing = True
             a.reset_stats()
-        was_training = model.training
-        model.eval()
         seen = 0
         try:
-            for x in _inputs(batches, num_batches, next(model.parameters()).device):
-                model(x)
-                seen += 1
+            with eval_mode(model):
+                for x in _inputs(batches, num_batches, next(model.parameters()).device):
+                    model(x)
+                    seen += 1
         finally:
             for a in acts:
                 a.observing = False
-            model.train(was_training)
         if seen == 0:
             raise TandemError("calibrate: no batches were given")
         for a in acts:
@@ -188,27 +187,21 @@ def reestimate_bn(model: nn.Module, batches, num_batches, *, float_activations: 
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     if not bns:
         return
-    was_training = model.training
     saved, observing = [(bn, bn.momentum) for bn in bns], [(a, a.observing) for a in acts]
-    model.eval()
-    for a in acts:
-        a.observing = float_activations
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        for x in _inputs(batches, num_batches, next(model.parameters()).device):
-            model(x)
-    finally:
-        for bn, momentum in saved:
-            bn.momentum = momentum
-        for a, was_observing in observing:
-            a.observing = was_observing
-            if float_activations:
-                a.reset_stats()   # the ranges seen here were only a means to the statistics
-        model.train(was_training)
-
-
-def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
-    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+    with eval_mode(model):
+        for a in acts:
+            a.observing = float_activations
+        try:
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            for x in _inputs(batches, num_batches, next(model.parameters()).device):
+                model(x)
+        finally:
+            for bn, momentum in saved:
+                bn.momentum = momentum
+            for a, was_observing in observing:
+                a.observing = was_observing
+                if float_activations:
+                    a.reset_stats()   # the ranges seen here were only a means to the statistics

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..files import atomic_write
+
 MARKERS = "osD^vP*Xph<>"
 FILLS = ("full", "none", "left", "bottom", "right", "top")   # rows of one method differ by fill
 
@@ -123,8 +125,7 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "",
                    ncols=1 + len(handles) // 24)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)

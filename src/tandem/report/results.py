@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from ..engine.checkpoint import atomic_write
+from ..files import atomic_write
 
 COLUMNS = [("name", "model", "{}"), ("top1", "test top-1 %", "{:.2f}"), ("val_top1", "val top-1 %", "{:.2f}"),
            ("params", "params (M)", "{:.4f}"), ("macs", "MACs (M)", "{:.3f}"), ("bops", "BOPs (G)", "{:.3f}"),
