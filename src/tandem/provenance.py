@@ -8,14 +8,17 @@ from pathlib import Path
 
 
 def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the source tree (with '+dirty' when it has uncommitted changes), or 'unknown'."""
+    """The commit of the source tree (with '+dirty' when it has uncommitted changes), or 'unknown'.
+    Result files (benchmarks/results/) do not count: one benchmark's fresh results must not mark
+    the next one's as run from changed code."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              timeout=5).stdout.strip()
         if not rev:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)benchmarks/results"], cwd=cwd,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
