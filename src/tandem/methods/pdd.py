@@ -35,11 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .. import cost
 from ..distill.losses import hinton_kd
 from ..errors import CheckpointError, RecipeError, TandemError
-from ..fields import Fraction
+from ..fields import ArchSpec, Fraction, StageMilestones
 from ..prune import ChannelPruner
 from ..prune.block_gates import block_gate_, remove_blocks, residual_blocks
 from ..prune.gates import gate_, gates_of, remove_closed
-from ..recipes import ArchSpec, StageMilestones
 from . import best_val, register_method, register_section, traced_graph
 
 StudentMacs = Fraction("(0, 1]", "macs_target is the fraction of the student's MACs that remain")

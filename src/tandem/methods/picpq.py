@@ -55,13 +55,12 @@ from .. import cost
 from ..engine import Trainer, cross_entropy_objective, evaluate
 from ..engine.distributed import on_rank0
 from ..errors import RecipeError
-from ..fields import Fraction
+from ..fields import Fraction, StageMilestones
 from ..files import atomic_write
 from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
 from ..prune.criteria import HRank, break_ties_by_l1
 from ..quant import calibrate, quantize_
 from ..search.evolution import regularized_evolution
-from ..recipes import StageMilestones
 from . import best_val, register_method, register_section, traced_graph
 
 

@@ -48,11 +48,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import cost
 from ..errors import RecipeError, TandemError
+from ..fields import StageMilestones
 from ..prune import ChannelGraph
 from ..prune.gates import ThresholdGate, gate_, gates_of, remove_closed
 from ..quant import QUANT_LAYERS, calibrate, quantize_
 from ..quant.bit_sharing import SBSAct, SBSWeight, check_candidates, search_
-from ..recipes import StageMilestones
 from . import best_val, register_method, register_section, traced_graph
 
 
