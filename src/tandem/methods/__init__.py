@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..context import RunContext
 from ..registry import Registry
 
 METHODS = Registry("method")
@@ -32,7 +33,7 @@ def sections_used(methods) -> dict[str, list[str]]:
     return used
 
 
-def preflight(ctx, methods) -> None:
+def preflight(ctx: RunContext, methods) -> None:
     """Each method's `preflight(ctx)` (an attribute of the method function, optional): checks
     that need the data or files (a teacher file's class count, a model the channel graph must
     trace), run before the run folder is written, so a bad input leaves nothing half-written."""
@@ -49,7 +50,7 @@ def best_val(best: dict, name: str) -> float | None:
     return v if v is not None and v >= 0 else None
 
 
-def traced_graph(ctx, method: str, what: str = "the model"):
+def traced_graph(ctx: RunContext, method: str, what: str = "the model"):
     """The recipe's model, built and traced by the channel graph; a model it cannot trace is
     one line naming the method and the model (preflight of the methods that prune)."""
     from ..prune import ChannelGraph
@@ -68,7 +69,7 @@ def channel_pruning_preflight(method: str):
     """The preflight of a method that prunes with the `prune:` section: unless it prunes single
     weights (an unstructured criterion: magnitude), the model must trace, before the run folder
     is written."""
-    def check(ctx) -> None:
+    def check(ctx: RunContext) -> None:
         from ..prune import criterion_class
         if ctx.recipe.prune is not None and criterion_class(ctx.recipe.prune.criterion).structured:
             traced_graph(ctx, method)

@@ -22,6 +22,7 @@ import copy
 import torch
 
 from .. import cost
+from ..context import RunContext
 from ..distill.objectives import kd_objective
 from ..distill.spec import DistillSpec
 from ..errors import TandemError
@@ -35,7 +36,7 @@ from .quantize import QuantSection
 register_section("distill", DistillSpec)
 
 
-def _prune(ctx, spec: PruneSpec):
+def _prune(ctx: RunContext, spec: PruneSpec):
     """The `prune` method's pruning (`build_pruned`, stages `pqkd-*`) and its CE fine-tune.
     Returns (pruned net, its last stage, per-weight masks or None when structured, best)."""
     p = build_pruned(ctx, spec, prefix="pqkd-")
@@ -63,13 +64,13 @@ def check_zeros_kept(net, masks: dict, method: str) -> None:
                               f"holds 0: {', '.join(zero_keeping())}")
 
 
-def _control(ctx, spec: DistillSpec) -> bool:
+def _control(ctx: RunContext, spec: DistillSpec) -> bool:
     """distill.control unset: on for the cheap protocols, off for `paper` (it doubles KD's cost)."""
     return spec.control if spec.control is not None else ctx.recipe.protocol != "paper"
 
 
 @register_method("pqkd", sections=("prune", "quant", "distill"))
-def pqkd(ctx) -> None:
+def pqkd(ctx: RunContext) -> None:
     pspec = ctx.recipe.prune or PruneSpec()
     qspec = ctx.recipe.quant or QuantSection()   # defaults: LSQ W4A4, first/last layer 8 bits
     dspec = ctx.recipe.distill or DistillSpec()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cost
+from ..context import RunContext
 from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning, get_criterion
 from ..prune.masks import apply_weight_masks
 from ..prune.schedules import step_fraction
@@ -25,12 +26,12 @@ from . import best_val, channel_pruning_preflight, register_method, register_sec
 register_section("prune", PruneSpec)
 
 
-def _batches(ctx, n):
+def _batches(ctx: RunContext, n):
     """The first ``n`` training batches, inputs only (a data-driven criterion's statistics)."""
     return [x for x, _ in itertools.islice(iter(ctx.train_loader()), n)]
 
 
-def finetune_cfg(ctx, spec: PruneSpec):
+def finetune_cfg(ctx: RunContext, spec: PruneSpec):
     """train: with the prune section's fine-tune epochs / lr where given."""
     return ctx.recipe.train.for_stage(spec.finetune_epochs, spec.finetune_lr)
 
@@ -60,7 +61,7 @@ class PrunedNet:
         return self.pruner.apply(removed if removed is not None else on_rank0(self.pruner.plan))
 
 
-def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
+def build_pruned(ctx: RunContext, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
                  base: torch.nn.Module | None = None) -> PrunedNet:
     """Prune a copy of `base` (default `ctx.pretrained()`) by `spec`; the stages before the last one run here
     (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run.
@@ -116,7 +117,7 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
 
 
 @register_method("prune", sections=("prune",))
-def prune_method(ctx) -> None:
+def prune_method(ctx: RunContext) -> None:
     spec = ctx.recipe.prune or PruneSpec()
     p = build_pruned(ctx, spec)
     best = ctx.train_stage(p.stage, {"pruned": p.net}, cfg=p.cfg, callbacks=p.callbacks)

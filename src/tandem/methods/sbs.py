@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import cost
+from ..context import RunContext
 from ..errors import RecipeError, TandemError
 from ..fields import StageMilestones
 from ..prune import ChannelGraph
@@ -108,7 +109,7 @@ class SbsSpec(BaseModel):
 register_section("sbs", SbsSpec)
 
 
-def sbs_spec(ctx) -> SbsSpec:
+def sbs_spec(ctx: RunContext) -> SbsSpec:
     return ctx.recipe.sbs or SbsSpec()
 
 
@@ -172,7 +173,7 @@ def _quant_policy(spec: SbsSpec, bits: int | None = None) -> dict:
             "first_last_method": "minmax", "act_init": spec.alpha_init, "sbs_weight_scale": spec.weight_scale}
 
 
-def build_quantized(ctx, base, spec: SbsSpec, bits: int | None = None) -> nn.Module:
+def build_quantized(ctx: RunContext, base, spec: SbsSpec, bits: int | None = None) -> nn.Module:
     """A copy of the pretrained model with the sbs quantizer at `bits` (default: the largest
     candidate), calibrated on training batches."""
     model = quantize_(copy.deepcopy(base), _quant_policy(spec, bits))
@@ -180,7 +181,7 @@ def build_quantized(ctx, base, spec: SbsSpec, bits: int | None = None) -> nn.Mod
     return model
 
 
-def build_searching(ctx, model, spec: SbsSpec, channels: str):
+def build_searching(ctx: RunContext, model, spec: SbsSpec, channels: str):
     """`model` (from build_quantized) with bit-sharing quantizers and (unless channels is
     'none') channel gates, in place; returns (model, channel gates or None, quantizers, graph)."""
     quantizers = search_(model, spec.bits, spec.input_bits)
@@ -310,15 +311,15 @@ def freeze(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _finetune_cfg(ctx, spec):
+def _finetune_cfg(ctx: RunContext, spec):
     return ctx.recipe.train.multistep(spec.finetune_epochs, spec.finetune_lr, spec.finetune_milestones)
 
 
-def _search_cfg(ctx, spec, epochs=None):
+def _search_cfg(ctx: RunContext, spec, epochs=None):
     return ctx.recipe.train.model_copy(update={"epochs": epochs or spec.search_epochs, "lr": spec.search_lr})
 
 
-def _run_sbs(ctx, spec, start, channels: str, tag: str, target_bops: float | None):
+def _run_sbs(ctx: RunContext, spec, start, channels: str, tag: str, target_bops: float | None):
     """Search from a copy of `start` (quantized at the largest width, warmed up), then freeze."""
     model, gates, quantizers, graph = build_searching(ctx, copy.deepcopy(start), spec, channels)
     objective = sbs_objective(spec, model, graph, gates, target_bops)
@@ -332,14 +333,14 @@ def _run_sbs(ctx, spec, start, channels: str, tag: str, target_bops: float | Non
     return freeze(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
 
 
-def _preflight(ctx) -> None:
+def _preflight(ctx: RunContext) -> None:
     spec = sbs_spec(ctx)
     graph = traced_graph(ctx, "sbs")
     check_group_size(graph, channel_groups(graph, spec.channels), spec.group_size)
 
 
 @register_method("sbs", sections=("sbs",))
-def sbs(ctx) -> None:
+def sbs(ctx: RunContext) -> None:
     spec = sbs_spec(ctx)
     base = ctx.pretrained()
     fp_bops = cost.profile(base, ctx.input_size).bops
