@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError, one_of
 from .fields import ArchSpec, Named, Section, StageMilestones  # noqa: F401  (re-exported: tandem.recipes.ArchSpec)
-from .prune.spec import PruneSpec
 
 
 class ModelSpec(ArchSpec):
@@ -116,8 +115,8 @@ DEFAULT_JOB_SECTIONS = {"prune": {"criterion": "l1", "macs_target": 0.06},
 
 
 def method_sections() -> dict[str, type[BaseModel]]:
-    """{section name: its pydantic model}: the sections the registered methods own
-    (prune, quant, mutual, distill, pdd, ...; tandem.methods.register_section)."""
+    """{section name: its pydantic model}: the sections the registered methods read, each
+    declared in its method's `register_method(name, sections={...})`."""
     from .methods import SECTIONS
     return dict(SECTIONS.items())
 
@@ -285,15 +284,9 @@ def validate(raw: dict) -> Recipe:
     except ValidationError as exc:
         # one line, whatever odd characters a key or value holds
         raise RecipeError(" ".join(_format_error(exc, raw).split())) from None
-    _check_combinations(recipe)
+    from .methods import check_recipe
+    check_recipe(recipe)   # each method's checks: settings valid alone but not together
     return recipe
-
-
-def _check_combinations(recipe: Recipe) -> None:
-    """Settings that are valid alone but not together (RecipeError, before anything runs)."""
-    if recipe.mutual is not None and recipe.mutual.init == "scratch":
-        from .methods.mutual import check_scratch
-        check_scratch(recipe.prune or PruneSpec())
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:

@@ -30,11 +30,12 @@ from ..distill.spec import MutualSpec
 from ..errors import RecipeError
 from ..modes import eval_mode
 from ..prune import PruneSpec, criterion_class
-from . import best_val, channel_pruning_preflight, register_method, register_section
+from . import best_val, channel_pruning_preflight, register_method
 from .prune import PrunedNet, build_pruned
 from .quantize import QuantSection, build_quantized
 
-register_section("mutual", MutualSpec)
+# both methods read the same sections: the peers (prune, quant) and the joint phase (mutual)
+PEER_SECTIONS = {"prune": PruneSpec, "quant": QuantSection, "mutual": MutualSpec}
 
 
 def mutual_spec(ctx: RunContext) -> MutualSpec:
@@ -61,6 +62,13 @@ def check_scratch(spec: PruneSpec) -> None:
         why = "global ranking would compare random weights across layers (use prune.scope=layer)"
     if why:
         raise RecipeError(f"recipe error: mutual.init = 'scratch': {why}")
+
+
+def check_recipe(recipe) -> None:
+    """Both methods' recipe-level check: `mutual.init: scratch` refuses the pruning choices that
+    need trained weights (check_scratch), when the recipe is validated."""
+    if recipe.mutual is not None and recipe.mutual.init == "scratch":
+        check_scratch(recipe.prune or PruneSpec())
 
 
 def build_peers(ctx: RunContext) -> tuple[PrunedNet, nn.Module]:
@@ -127,7 +135,7 @@ def _record_peers(ctx: RunContext, method: str, p: PrunedNet, q: nn.Module, best
     ctx.record(f"{method}/quantized", q, best_val(best, "quantized"), stage=f"{method}-joint", control=control("quantized"))
 
 
-@register_method("mutual", sections=("prune", "quant", "mutual"))
+@register_method("mutual", sections=PEER_SECTIONS, preflight=channel_pruning_preflight("mutual"), checks=check_recipe)
 def mutual(ctx: RunContext) -> None:
     ms = mutual_spec(ctx)
     p, q = build_peers(ctx)
@@ -150,7 +158,8 @@ def mutual(ctx: RunContext) -> None:
     _record_peers(ctx, "mutual", p, q, best)
 
 
-@register_method("independent", sections=("prune", "quant", "mutual"))
+@register_method("independent", sections=PEER_SECTIONS, preflight=channel_pruning_preflight("independent"),
+                 checks=check_recipe)
 def independent(ctx: RunContext) -> None:
     """The control: the same P and Q, same data, epochs, schedule, lr and seed, each trained
     with cross-entropy alone (one stage, own optimisers: no term couples them)."""
@@ -159,7 +168,3 @@ def independent(ctx: RunContext) -> None:
     cfg = joint_cfg(ctx)
     best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=p.callbacks)
     _record_peers(ctx, "independent", p, q, best)
-
-
-mutual.preflight = channel_pruning_preflight("mutual")
-independent.preflight = channel_pruning_preflight("independent")

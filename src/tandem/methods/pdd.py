@@ -40,7 +40,7 @@ from ..fields import ArchSpec, Fraction, StageMilestones
 from ..prune import ChannelPruner
 from ..prune.block_gates import block_gate_, remove_blocks, residual_blocks
 from ..prune.gates import gate_, gates_of, remove_closed
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
 
 StudentMacs = Fraction("(0, 1]", "macs_target is the fraction of the student's MACs that remain")
 
@@ -86,9 +86,6 @@ class PddSpec(BaseModel):
         if len(set(self.controls)) != len(self.controls):
             raise ValueError(f"pdd.controls {self.controls} names one twice")
         return self
-
-
-register_section("pdd", PddSpec)
 
 
 def pdd_spec(ctx: RunContext) -> PddSpec:
@@ -249,7 +246,7 @@ def _reductions(row: dict, student: dict) -> dict:
     return row
 
 
-@register_method("pdd", sections=("pdd",))
+@register_method("pdd", sections={"pdd": PddSpec}, preflight=_preflight)
 def pdd(ctx: RunContext) -> None:
     spec = pdd_spec(ctx)
     teacher = _teacher(ctx, spec)
@@ -303,6 +300,3 @@ def pdd(ctx: RunContext) -> None:
                                stage="pdd-finetune"), full)
     if "student" in spec.controls:
         _reductions(ctx.record("pdd/student", nets["student"], best_val(best, "student"), stage="pdd-finetune"), full)
-
-
-pdd.preflight = _preflight

@@ -62,7 +62,7 @@ from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
 from ..prune.criteria import HRank, break_ties_by_l1
 from ..quant import calibrate, quantize_
 from ..search.evolution import regularized_evolution
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
 
 
 CONTROLS = ("rank", "uniform", "l1_bit_rule", "l1_uniform")
@@ -139,9 +139,6 @@ class PicpqSpec(BaseModel):
             raise ValueError(f"picpq needs sample ({self.sample}) <= population ({self.population}) "
                              f"<= evaluations ({self.evaluations})")
         return self
-
-
-register_section("picpq", PicpqSpec)
 
 
 def picpq_spec(ctx: RunContext) -> PicpqSpec:
@@ -439,7 +436,7 @@ def _preflight(ctx: RunContext) -> None:
     max_bits_of(picpq_spec(ctx), ctx.recipe.model.name, list(graph.layers))
 
 
-@register_method("picpq", sections=("picpq",))
+@register_method("picpq", sections={"picpq": PicpqSpec}, preflight=_preflight)
 def picpq(ctx: RunContext) -> None:
     spec = picpq_spec(ctx)
     base = ctx.pretrained()
@@ -515,6 +512,3 @@ def picpq(ctx: RunContext) -> None:
                 lam = penalty_for(l_bops_of, l_sparsity, max_bits, goal, spec)
                 l_bits, extra = bits_rule(l_sparsity, lam), {"penalty": lam}
             quantize_and_record(tag, name, init, l_net, l_sparsity, l_bits, l_in_bits(l_bits), **extra)
-
-
-picpq.preflight = _preflight

@@ -29,11 +29,9 @@ from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
 from ..quant import QUANT_LAYERS, calibrate, quantize_
 from ..quant.registry import zero_keeping
-from . import best_val, channel_pruning_preflight, register_method, register_section
+from . import best_val, channel_pruning_preflight, register_method
 from .prune import build_pruned, finetune_cfg
 from .quantize import QuantSection
-
-register_section("distill", DistillSpec)
 
 
 def _prune(ctx: RunContext, spec: PruneSpec):
@@ -69,7 +67,8 @@ def _control(ctx: RunContext, spec: DistillSpec) -> bool:
     return spec.control if spec.control is not None else ctx.recipe.protocol != "paper"
 
 
-@register_method("pqkd", sections=("prune", "quant", "distill"))
+@register_method("pqkd", sections={"prune": PruneSpec, "quant": QuantSection, "distill": DistillSpec},
+                 preflight=channel_pruning_preflight("pqkd"))
 def pqkd(ctx: RunContext) -> None:
     pspec = ctx.recipe.prune or PruneSpec()
     qspec = ctx.recipe.quant or QuantSection()   # defaults: LSQ W4A4, first/last layer 8 bits
@@ -118,6 +117,3 @@ def pqkd(ctx: RunContext) -> None:
         row["gain_over_quantized"] = row["top1"] - quantized["top1"]
     if "no-kd" in rows:
         rows["distilled"]["gain_over_no_kd"] = rows["distilled"]["top1"] - rows["no-kd"]["top1"]
-
-
-pqkd.preflight = channel_pruning_preflight("pqkd")

@@ -21,9 +21,7 @@ from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftP
 from ..prune.masks import apply_weight_masks
 from ..prune.schedules import step_fraction
 from ..engine.distributed import on_rank0
-from . import best_val, channel_pruning_preflight, register_method, register_section
-
-register_section("prune", PruneSpec)
+from . import best_val, channel_pruning_preflight, register_method
 
 
 def _batches(ctx: RunContext, n):
@@ -116,7 +114,7 @@ def build_pruned(ctx: RunContext, spec: PruneSpec, prefix: str = "", soft_zero_b
     return PrunedNet(net, stage, cfg)
 
 
-@register_method("prune", sections=("prune",))
+@register_method("prune", sections={"prune": PruneSpec}, preflight=channel_pruning_preflight("prune"))
 def prune_method(ctx: RunContext) -> None:
     spec = ctx.recipe.prune or PruneSpec()
     p = build_pruned(ctx, spec)
@@ -129,6 +127,3 @@ def prune_method(ctx: RunContext) -> None:
     if p.pruner is not None:   # soft: the zero-and-regrow stage above, then a fine-tune of the smaller net
         best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune_cfg(ctx, spec))
     ctx.record("pruned", net, best_val(best, "pruned"))
-
-
-prune_method.preflight = channel_pruning_preflight("prune")

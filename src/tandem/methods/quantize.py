@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ..context import RunContext
 from ..quant import QuantSpec, calibrate, quantize_
-from . import best_val, register_method, register_section
+from . import best_val, register_method
 
 
 class QuantSection(QuantSpec):
@@ -27,8 +27,6 @@ class QuantSection(QuantSpec):
     epochs: Optional[int] = Field(None, ge=0)   # QAT epochs (None: train.epochs)
     lr: Optional[float] = Field(None, gt=0)      # QAT learning rate (None: train.lr)
 
-
-register_section("quant", QuantSection)
 
 
 def quant_name(spec: QuantSection) -> str:
@@ -43,7 +41,7 @@ def build_quantized(ctx: RunContext, spec: QuantSection, base=None):
     return net
 
 
-@register_method("quantize", sections=("quant",))
+@register_method("quantize", sections={"quant": QuantSection})
 def quantize(ctx: RunContext) -> None:
     spec = ctx.recipe.quant or QuantSection()   # no quant: section: the defaults (LSQ W4A4)
     net = build_quantized(ctx, spec)

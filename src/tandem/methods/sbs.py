@@ -54,7 +54,7 @@ from ..prune import ChannelGraph
 from ..prune.gates import ThresholdGate, gate_, gates_of, remove_closed
 from ..quant import QUANT_LAYERS, calibrate, quantize_
 from ..quant.bit_sharing import SBSAct, SBSWeight, check_candidates, search_
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
 
 
 class SbsSpec(BaseModel):
@@ -104,9 +104,6 @@ class SbsSpec(BaseModel):
         if self.bops_match and self.bops_target is None:
             raise ValueError("sbs.bops_match keeps the search at sbs.bops_target; set bops_target too, or drop bops_match")
         return self
-
-
-register_section("sbs", SbsSpec)
 
 
 def sbs_spec(ctx: RunContext) -> SbsSpec:
@@ -339,7 +336,7 @@ def _preflight(ctx: RunContext) -> None:
     check_group_size(graph, channel_groups(graph, spec.channels), spec.group_size)
 
 
-@register_method("sbs", sections=("sbs",))
+@register_method("sbs", sections={"sbs": SbsSpec}, preflight=_preflight)
 def sbs(ctx: RunContext) -> None:
     spec = sbs_spec(ctx)
     base = ctx.pretrained()
@@ -382,6 +379,3 @@ def sbs(ctx: RunContext) -> None:
         best = ctx.train_stage("sbs-4bit-finetune", {"net": four}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
         record("sbs/4bit", four, best, "sbs-4bit-finetune", searched=False)
-
-
-sbs.preflight = _preflight
