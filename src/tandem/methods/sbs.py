@@ -52,8 +52,10 @@ from ..errors import RecipeError, TandemError
 from ..fields import StageMilestones
 from ..prune import ChannelGraph
 from ..prune.gates import ThresholdGate, gate_, gates_of, remove_closed
-from ..quant import QUANT_LAYERS, calibrate, quantize_
-from ..quant.bit_sharing import SBSAct, SBSWeight, check_candidates, search_
+from ..quant import calibrate, quantize_
+from ..quant.bit_sharing import (check_candidates, float_or_sbs_weights, forget_kept_, freeze_chosen_bits_,
+                                 layer_expected_bits, search_, standardise_over_kept, weight_and_input_quantizers)
+from ..quant.quantize import record_layer_bits
 from . import best_val, register_method, traced_graph
 
 
@@ -119,9 +121,7 @@ def channel_groups(graph: ChannelGraph, which: str) -> list[str]:
         return []
 
     def searched(g):
-        mods = [graph.module(m.module) for m in g.members if m.kind in ("out", "dw", "in")]
-        quantized = [getattr(mod, "weight_quantizer", None) for mod in mods]
-        return all(q is None for q in quantized) or all(isinstance(q, SBSWeight) for q in quantized)
+        return float_or_sbs_weights(graph.module(m.module) for m in g.members if m.kind in ("out", "dw", "in"))
     return [g.name for g in graph.groups if searched(g) and
             (which == "all" or (len(g.of_kind("out")) == 1 and not g.of_kind("map_in", "map_out")))]
 
@@ -150,10 +150,8 @@ def attach_kept(model: nn.Module, graph: ChannelGraph, gates) -> None:
             if m.kind not in ("out", "dw", "in"):
                 continue
             layer = model.get_submodule(m.module)
-            wq = getattr(layer, "weight_quantizer", None)
-            if isinstance(wq, SBSWeight):
-                dim = 1 if m.kind == "in" else 0
-                wq.kept_by = [*(wq.kept_by or []), _Kept(gate, dim, m.offset, m.repeat, layer.weight.shape[dim])]
+            dim = 1 if m.kind == "in" else 0
+            standardise_over_kept(layer, _Kept(gate, dim, m.offset, m.repeat, layer.weight.shape[dim]))
 
 
 def check_group_size(graph: ChannelGraph, groups: list[str], group_size: int) -> None:
@@ -201,10 +199,7 @@ def differentiable_bops(model: nn.Module, graph: ChannelGraph, gates) -> torch.T
         {n: l.unit * l.out * l.in_pg for n, l in graph.layers.items()}
     total = 0.0
     for name, m in macs.items():
-        layer = model.get_submodule(name)
-        wq, aq = getattr(layer, "weight_quantizer", None), getattr(layer, "input_quantizer", None)
-        wb = wq.expected_bits() if isinstance(wq, SBSWeight) else float(getattr(layer, "w_bits", 32))
-        ab = aq.expected_bits() if isinstance(aq, SBSAct) else float(getattr(layer, "a_bits", 32))
+        wb, ab = layer_expected_bits(model.get_submodule(name))
         total = total + m * wb * ab
     return total
 
@@ -215,8 +210,9 @@ class SearchControl:
     after each step t >= 0 and each channel tau in [0, tau_max]."""
 
     def __init__(self, quantizers, gates, max_prune_ratio: float):
-        self.weight = [q.gates.threshold for q in quantizers if isinstance(q, SBSWeight)]
-        self.act = [q.gates.threshold for q in quantizers if isinstance(q, SBSAct)]
+        weights, inputs = weight_and_input_quantizers(quantizers)
+        self.weight = [q.gates.threshold for q in weights]
+        self.act = [q.gates.threshold for q in inputs]
         self.gates, self.rho = gates, max_prune_ratio
 
     def after_backward(self, trainer) -> None:
@@ -239,7 +235,7 @@ class WidthLog:
     Counted on the device; read once per epoch."""
 
     def __init__(self, quantizers):
-        self.inputs = [q for q in quantizers if isinstance(q, SBSAct)]
+        self.inputs = weight_and_input_quantizers(quantizers)[1]
         self.last, self.flips = None, None
 
     @torch.no_grad()
@@ -285,25 +281,9 @@ def sbs_objective(spec: SbsSpec, model, graph, gates, target_bops: float | None)
 def freeze(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The compact model: each layer at the bits its hard gates chose, closed channels removed,
     the quantize_ record rewritten with per-layer widths so the file rebuilds it."""
-    chosen = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QUANT_LAYERS):
-            continue
-        wq, aq = layer.weight_quantizer, layer.input_quantizer
-        if isinstance(wq, SBSWeight) and wq.candidates is not None:
-            wq.freeze_(wq.selected(layer.weight))
-            layer.w_bits = wq.bits
-        if isinstance(aq, SBSAct) and aq.candidates is not None:
-            aq.freeze_(aq.selected())
-            layer.a_bits = aq.bits
-        chosen[name] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
-    for record in getattr(model, "tandem_transforms", []):
-        if record.get("kind") == "quantize":
-            record["policy"]["overrides"] = {**record["policy"].get("overrides", {}), **chosen}
+    record_layer_bits(model, freeze_chosen_bits_(model))
     if gates_of(model) is not None:
-        for m in model.modules():
-            if isinstance(m, SBSWeight):
-                m.kept_by = None
+        forget_kept_(model)
         return remove_closed(model, example)
     return copy.deepcopy(model)
 
