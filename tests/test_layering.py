@@ -37,3 +37,13 @@ def test_no_two_parts_import_each_other():
     # the recipe validates method names and sections, so recipes imports methods; the methods take their
     # field types from tandem/fields.py and their ctx type from tandem/context.py, never the recipe
     assert not both_ways, both_ways
+
+
+def test_moved_names_still_import_from_their_old_homes():
+    import tandem.recipes
+    import tandem.runner
+    from tandem.context import RunContext
+    from tandem.fields import ArchSpec, Named, Section, StageMilestones
+    assert tandem.runner.RunContext is RunContext
+    assert (tandem.recipes.ArchSpec, tandem.recipes.StageMilestones) == (ArchSpec, StageMilestones)
+    assert (tandem.recipes.Section, tandem.recipes.Named) == (Section, Named)
