@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import cost
+from ..context import RunContext
 from ..distill.losses import hinton_kd
 from ..errors import CheckpointError, RecipeError, TandemError
-from ..fields import Fraction
+from ..fields import ArchSpec, Fraction, StageMilestones
 from ..prune import ChannelPruner
 from ..prune.block_gates import block_gate_, remove_blocks, residual_blocks
 from ..prune.gates import gate_, gates_of, remove_closed
-from ..recipes import ArchSpec, StageMilestones
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
 
 StudentMacs = Fraction("(0, 1]", "macs_target is the fraction of the student's MACs that remain")
 
@@ -88,23 +88,20 @@ class PddSpec(BaseModel):
         return self
 
 
-register_section("pdd", PddSpec)
-
-
-def pdd_spec(ctx) -> PddSpec:
+def pdd_spec(ctx: RunContext) -> PddSpec:
     return ctx.recipe.pdd or PddSpec()
 
 
-def _schedule(ctx, spec: PddSpec, epochs: int, lr: float, milestones: list[float]):
+def _schedule(ctx: RunContext, spec: PddSpec, epochs: int, lr: float, milestones: list[float]):
     return ctx.recipe.train.multistep(epochs, lr, milestones, weight_decay=spec.weight_decay,
                                       batch_size=spec.batch_size or ctx.recipe.train.batch_size)
 
 
-def _example(ctx):
+def _example(ctx: RunContext):
     return torch.zeros(1, *ctx.input_size, device=ctx.device)
 
 
-def _preflight(ctx) -> None:
+def _preflight(ctx: RunContext) -> None:
     """Before the run folder is written: the student must be prunable, the teacher file must fit the data."""
     spec = pdd_spec(ctx)
     graph = traced_graph(ctx, "pdd", "the student model")
@@ -135,7 +132,7 @@ def _block_gated(spec: PddSpec, model: nn.Module) -> bool:
     return spec.gate_placement == "paper" and residual_blocks(model) is not None
 
 
-def _check_placement(ctx, spec: PddSpec, graph) -> None:
+def _check_placement(ctx: RunContext, spec: PddSpec, graph) -> None:
     """The paper's placement needs tandem's blocks on a model with residual streams (channel
     groups that several layers' outputs feed, tied by an addition)."""
     if spec.gate_placement != "paper":
@@ -156,7 +153,7 @@ def _check_placement(ctx, spec: PddSpec, graph) -> None:
                           f"per channel group)")
 
 
-def _teacher(ctx, spec: PddSpec) -> nn.Module | None:
+def _teacher(ctx: RunContext, spec: PddSpec) -> nn.Module | None:
     if spec.kd_mode == "ce_only":
         return None
     if spec.teacher is None and spec.teacher_checkpoint is None:
@@ -249,8 +246,8 @@ def _reductions(row: dict, student: dict) -> dict:
     return row
 
 
-@register_method("pdd", sections=("pdd",))
-def pdd(ctx) -> None:
+@register_method("pdd", sections={"pdd": PddSpec}, preflight=_preflight)
+def pdd(ctx: RunContext) -> None:
     spec = pdd_spec(ctx)
     teacher = _teacher(ctx, spec)
     start = copy.deepcopy(ctx.pretrained()) if spec.student_init == "pretrained" else ctx.create_model()
@@ -303,6 +300,3 @@ def pdd(ctx) -> None:
                                stage="pdd-finetune"), full)
     if "student" in spec.controls:
         _reductions(ctx.record("pdd/student", nets["student"], best_val(best, "student"), stage="pdd-finetune"), full)
-
-
-pdd.preflight = _preflight

@@ -52,17 +52,17 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import cost
+from ..context import RunContext
 from ..engine import Trainer, cross_entropy_objective, evaluate
 from ..engine.distributed import on_rank0
 from ..errors import RecipeError
-from ..fields import Fraction
+from ..fields import Fraction, StageMilestones
 from ..files import atomic_write
 from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
 from ..prune.criteria import HRank, break_ties_by_l1
 from ..quant import calibrate, quantize_
 from ..search.evolution import regularized_evolution
-from ..recipes import StageMilestones
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
 
 
 CONTROLS = ("rank", "uniform", "l1_bit_rule", "l1_uniform")
@@ -141,10 +141,7 @@ class PicpqSpec(BaseModel):
         return self
 
 
-register_section("picpq", PicpqSpec)
-
-
-def picpq_spec(ctx) -> PicpqSpec:
+def picpq_spec(ctx: RunContext) -> PicpqSpec:
     return ctx.recipe.picpq or PicpqSpec()
 
 
@@ -328,7 +325,7 @@ def _cycle(loader):
         yield from loader
 
 
-def _ranks(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], int]:
+def _ranks(ctx: RunContext, base, graph, spec) -> tuple[dict[str, torch.Tensor], int]:
     """The average ranks (the statistic as measured: equal ranks equal) and the number of
     images they average; kept in the run folder, read back by a resumed run."""
     from safetensors import safe_open
@@ -348,7 +345,7 @@ def _ranks(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], int]:
     return ranks, hrank.images
 
 
-def filter_property(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def filter_property(ctx: RunContext, base, graph, spec) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """FP per ranked layer (rank_ties l1: equal ranks ordered by the filter's L1 norm) and the
     std of each layer's measured ranks (the scale of the search's b, the same for both tie rules,
     so a search log stays valid across them)."""
@@ -359,7 +356,7 @@ def filter_property(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], di
     return ranks, stds
 
 
-def _search(ctx, base, graph, ranks, stds, spec) -> dict:
+def _search(ctx: RunContext, base, graph, ranks, stds, spec) -> dict:
     layers = [n for n in graph.layers if n in ranks]
     initial, mutate = evolution_moves(layers, stds, spec.evaluations, spec.population, spec.mutate_fraction)
     search_cfg = ctx.recipe.train.model_copy(update={"lr": spec.search_lr, "weight_decay": spec.weight_decay,
@@ -383,12 +380,12 @@ def _search(ctx, base, graph, ranks, stds, spec) -> dict:
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
-def _schedule(ctx, spec, epochs, lr):
+def _schedule(ctx: RunContext, spec, epochs, lr):
     return ctx.recipe.train.multistep(epochs, lr, spec.milestones, gamma=spec.gamma,
                                       weight_decay=spec.weight_decay, nesterov=True)
 
 
-def _quantize_stages(ctx, spec, tag: str, init: str, net: nn.Module, bits: dict[str, int], in_bits: dict[str, int]):
+def _quantize_stages(ctx: RunContext, spec, tag: str, init: str, net: nn.Module, bits: dict[str, int], in_bits: dict[str, int]):
     """QAT (a) activations only, then (b) weights and activations, from (a)'s weights. The
     network as stage (a) starts is the init row `init` (PIC-PQ's own: stage (b)'s too, `init`-wa)."""
     act = quantize_(copy.deepcopy(net), _quant_spec(bits, in_bits, False, spec.act_range))
@@ -434,13 +431,13 @@ def penalty_for(bops_of, sparsity: dict[str, float], max_bits: dict[str, int], t
     return min(tries, key=lambda lam: abs(bops_of(bits(lam)) - target_bops))   # the first (the recipe's) wins ties
 
 
-def _preflight(ctx) -> None:
+def _preflight(ctx: RunContext) -> None:
     graph = traced_graph(ctx, "picpq")
     max_bits_of(picpq_spec(ctx), ctx.recipe.model.name, list(graph.layers))
 
 
-@register_method("picpq", sections=("picpq",))
-def picpq(ctx) -> None:
+@register_method("picpq", sections={"picpq": PicpqSpec}, preflight=_preflight)
+def picpq(ctx: RunContext) -> None:
     spec = picpq_spec(ctx)
     base = ctx.pretrained()
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
@@ -515,6 +512,3 @@ def picpq(ctx) -> None:
                 lam = penalty_for(l_bops_of, l_sparsity, max_bits, goal, spec)
                 l_bits, extra = bits_rule(l_sparsity, lam), {"penalty": lam}
             quantize_and_record(tag, name, init, l_net, l_sparsity, l_bits, l_in_bits(l_bits), **extra)
-
-
-picpq.preflight = _preflight

@@ -16,21 +16,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cost
+from ..context import RunContext
 from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning, get_criterion
 from ..prune.masks import apply_weight_masks
 from ..prune.schedules import step_fraction
 from ..engine.distributed import on_rank0
-from . import best_val, channel_pruning_preflight, register_method, register_section
-
-register_section("prune", PruneSpec)
+from . import best_val, channel_pruning_preflight, register_method
 
 
-def _batches(ctx, n):
+def _batches(ctx: RunContext, n):
     """The first ``n`` training batches, inputs only (a data-driven criterion's statistics)."""
     return [x for x, _ in itertools.islice(iter(ctx.train_loader()), n)]
 
 
-def finetune_cfg(ctx, spec: PruneSpec):
+def finetune_cfg(ctx: RunContext, spec: PruneSpec):
     """train: with the prune section's fine-tune epochs / lr where given."""
     return ctx.recipe.train.for_stage(spec.finetune_epochs, spec.finetune_lr)
 
@@ -60,7 +59,7 @@ class PrunedNet:
         return self.pruner.apply(removed if removed is not None else on_rank0(self.pruner.plan))
 
 
-def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
+def build_pruned(ctx: RunContext, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
                  base: torch.nn.Module | None = None) -> PrunedNet:
     """Prune a copy of `base` (default `ctx.pretrained()`) by `spec`; the stages before the last one run here
     (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run.
@@ -115,8 +114,8 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
     return PrunedNet(net, stage, cfg)
 
 
-@register_method("prune", sections=("prune",))
-def prune_method(ctx) -> None:
+@register_method("prune", sections={"prune": PruneSpec}, preflight=channel_pruning_preflight("prune"))
+def prune_method(ctx: RunContext) -> None:
     spec = ctx.recipe.prune or PruneSpec()
     p = build_pruned(ctx, spec)
     best = ctx.train_stage(p.stage, {"pruned": p.net}, cfg=p.cfg, callbacks=p.callbacks)
@@ -128,6 +127,3 @@ def prune_method(ctx) -> None:
     if p.pruner is not None:   # soft: the zero-and-regrow stage above, then a fine-tune of the smaller net
         best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune_cfg(ctx, spec))
     ctx.record("pruned", net, best_val(best, "pruned"))
-
-
-prune_method.preflight = channel_pruning_preflight("prune")

@@ -14,8 +14,9 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from ..context import RunContext
 from ..quant import QuantSpec, calibrate, quantize_
-from . import best_val, register_method, register_section
+from . import best_val, register_method
 
 
 class QuantSection(QuantSpec):
@@ -27,14 +28,12 @@ class QuantSection(QuantSpec):
     lr: Optional[float] = Field(None, gt=0)      # QAT learning rate (None: train.lr)
 
 
-register_section("quant", QuantSection)
-
 
 def quant_name(spec: QuantSection) -> str:
     return f"{spec.method}-w{spec.w_bits}a{spec.a_bits}" + ("-ptq" if spec.mode == "ptq" else "")
 
 
-def build_quantized(ctx, spec: QuantSection, base=None):
+def build_quantized(ctx: RunContext, spec: QuantSection, base=None):
     """A quantized, calibrated copy of `base` (default `ctx.pretrained()`; shared with mutual /
     independent)."""
     net = quantize_(copy.deepcopy(base if base is not None else ctx.pretrained()), spec)
@@ -42,8 +41,8 @@ def build_quantized(ctx, spec: QuantSection, base=None):
     return net
 
 
-@register_method("quantize", sections=("quant",))
-def quantize(ctx) -> None:
+@register_method("quantize", sections={"quant": QuantSection})
+def quantize(ctx: RunContext) -> None:
     spec = ctx.recipe.quant or QuantSection()   # no quant: section: the defaults (LSQ W4A4)
     net = build_quantized(ctx, spec)
     name = quant_name(spec)

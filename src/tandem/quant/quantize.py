@@ -105,6 +105,14 @@ def quantize_(model: nn.Module, policy: QuantSpec | dict | None = None, **kwargs
     return model
 
 
+def record_layer_bits(model: nn.Module, bits: dict[str, dict]) -> None:
+    """Per-layer widths chosen after `quantize_` ({layer: {"w_bits", "a_bits"}}, e.g. by a bit
+    search) added to the overrides of its record, so a saved file rebuilds them."""
+    for record in getattr(model, "tandem_transforms", []):
+        if record.get("kind") == "quantize":
+            record["policy"]["overrides"] = {**record["policy"].get("overrides", {}), **bits}
+
+
 def _deploy_quantizer(bits: int, like, spec: QuantSpec) -> ActQuantizer:
     """A tensor's quantizer in the deploy layout: of the same kind as a reader's (`like`), else
     of the policy's method; on the model's device at its first calibration."""
