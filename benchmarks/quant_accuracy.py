@@ -65,6 +65,9 @@ def main() -> None:
         for f in a.merge:   # a --rows file, or the partial file a run keeps while it goes (a list of rows)
             data = json.loads(open(f).read())
             rows += data["rows"] if isinstance(data, dict) else data
+        keys = [(r["seed"], r["quantizer"], r["bits"], r.get("layout")) for r in rows]
+        if len(keys) != len(set(keys)):
+            raise SystemExit(f"--merge: rows given twice: {sorted({k for k in keys if keys.count(k) > 1})}")
         a.seeds = sorted({r["seed"] for r in rows})
     for seed in ([] if a.merge else a.seeds):
         loader, val_loader, test_loader, calib = cpu_small_loaders(a.root, seed, a.subset, a.val_subset,
