@@ -15,7 +15,7 @@ from tandem.errors import RecipeError, TandemError
 from tandem.models import create_model, list_models
 from tandem.modes import eval_mode
 from tandem.prune import (ChannelGraph, ChannelPruner, Criterion, KeepMasked, SlimmingPenalty, SoftPruning,
-                          get_criterion, list_criteria, magnitude_masks, prune, register_criterion, select)
+                          criterion_class, get_criterion, list_criteria, magnitude_masks, prune, register_criterion, select)
 from tandem.prune.masks import apply_weight_masks
 from tandem.prune.gates import gate_, ungate_
 from tandem.prune.select import MacsModel
@@ -101,8 +101,14 @@ def test_bn_scale_of_a_residual_stream_is_the_mean_over_its_bns():
     torch.testing.assert_close(get_criterion("bn_scale").score(graph, group), gammas.mean(0))
 
 
+STRUCTURED = [c for c in list_criteria() if criterion_class(c).structured]
+
+
 def test_criteria_listing_and_unknown_criterion():
-    assert set(list_criteria()) == {"l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"}
+    names = list_criteria()
+    assert {"l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"} <= set(names)   # the built-in ones
+    assert [criterion_class(c).structured for c in names] == sorted((criterion_class(c).structured for c in names),
+                                                                     reverse=True)   # structured first
     with pytest.raises(TandemError, match="allowed: .*fpgm.*hrank"):
         get_criterion("taylor")
 
@@ -298,7 +304,24 @@ def test_round_to_keeps_widths_multiples_and_the_target(scope):
         prune(model, x, "magnitude", ratio=0.5, round_to=8)
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn_scale", "hrank", "random"])
+@pytest.mark.parametrize("criterion", STRUCTURED)
+def test_every_criterion_prunes_saves_reloads_and_exports(tmp_path, criterion):
+    from tandem.export import export_onnx, ort_session
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model("resnet20", widths=[8] * 7 + [16] * 6 + [32] * 6)).eval()
+    x = torch.randn(8, 3, 32, 32)
+    small = prune(model, x[:1], criterion, ratio=0.5, data=[x]).eval()
+    assert cost.profile(small).macs < cost.profile(model).macs
+    save_model(small, tmp_path / "p.safetensors")
+    back, _ = load_model(tmp_path / "p.safetensors")
+    back.eval()
+    torch.testing.assert_close(back(x), small(x))
+    path = export_onnx(back, tmp_path / "p.onnx", (3, 32, 32)).path
+    out = ort_session(path).run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), small(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("criterion", STRUCTURED)
 def test_surgery_preserves_outputs_on_user_models(criterion):
     torch.manual_seed(0)
     model = _randomize_bn(_UserNet())
@@ -311,7 +334,7 @@ def test_surgery_preserves_outputs_on_user_models(criterion):
         ("bn_cat", "bn", 8), ("dw.0", "dw", 8), ("dw.1", "bn", 8), ("pw.0", "in", 8)}       # concat offsets
     assert {m.module for m in names["pw.0"].of_kind("out")} == {"pw.0", "se"}           # SE multiply
     assert [m.repeat for m in names["pw.0"].of_kind("in") if m.module == "fc1"] == [4]  # flatten
-    scope = "global" if criterion == "bn_scale" else "layer"
+    scope = criterion_class(criterion).default_scope
     _, removed, small = _check_exact(model, x, criterion, ratio=0.5, scope=scope, data=[x])
     assert not hasattr(small, "config") and isinstance(small, _UserNet)
 
