@@ -162,7 +162,7 @@ def main():
                   f"(/MACs {row['speedup_over_macs_speedup_b64']:.2f})")
         else:
             print(f"{name:<56} {mode:<11} b1 {row['latency_ms_b1']:7.2f} ms  b64 {row['latency_ms_b64']:7.1f} ms")
-    path = write_result("prune_latency-resnet56", {
+    path = write_result("prune_latency-resnet56" + ("" if args.threads == 1 else f"-{args.threads}threads"), {
         "protocol": (f"ResNet-56, 1x3x32x32 and 64x3x32x32 inputs, fp32, CPU, torch {torch.__version__}, "
                      f"{args.threads} thread(s), inference_mode, eval; modes: eager, eager with BN folded "
                      f"(tandem.export.fold_bn: torch.fx fuse), onnxruntime on tandem's ONNX export ({ort_config}); untrained weights "
