@@ -112,7 +112,7 @@ def main() -> None:
                 print(f"{name} {size}px batch {batch} {runtime}: fp32 {e['fp32_ms']:.2f} ms; int8 / fp32: tandem deploy "
                       f"{e['int8_over_fp32']:.2f}, tandem inputs {e['int8_inputs_over_fp32']:.2f}, anchor "
                       f"{e['anchor_over_fp32']:.2f}", flush=True)
-    path = write_result("int8_latency", {
+    path = write_result("int8_latency" + ("" if a.threads == 1 else f"-{a.threads}threads"), {
         "protocol": f"random-weight models, BN statistics from 3 batches of 32; FP32 = export_onnx of the float "
                     f"model (BN folded); tandem_int8_<layout> = min-max W8A8 every layer, per-channel weights, "
                     f"QDQ, quant.layout deploy (int8_over_fp32) and inputs (int8_inputs_over_fp32); anchor = onnxruntime quantize_static of the FP32 "

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from common import interleaved_times, round_ratios, write_result  # noqa: E402
 from tandem import cost  # noqa: E402
-from tandem.export import export_onnx, open_runtime  # noqa: E402
+from tandem.export import export_onnx, fold_bn, open_runtime  # noqa: E402
 from tandem.models import create_model  # noqa: E402
 from tandem.prune import prune  # noqa: E402
 
@@ -94,13 +94,12 @@ def build_models(dense, target, criteria):
 
 
 def runners(models, threads, tmp):
-    """(name, mode) -> {batch: fn}: eager, eager with BN folded (torch.fx fuse), and onnxruntime
-    on tandem's ONNX export (BN folded; onnxruntime fuses Conv+Add+Relu)."""
-    from torch.fx.experimental.optimization import fuse
+    """(name, mode) -> {batch: fn}: eager, eager with BN folded (tandem.export.fold_bn), and
+    onnxruntime on tandem's ONNX export (BN folded; onnxruntime fuses Conv+Add+Relu)."""
     inputs = {b: torch.randn(b, 3, 32, 32) for b in BATCHES}
     out = {}
     for name, m in models.items():
-        folded = fuse(m)
+        folded = fold_bn(m)
         path = export_onnx(m, Path(tmp) / f"{len(out)}.onnx", (3, 32, 32)).path
         rt = open_runtime(path, "onnxruntime", threads=threads)
         out[(name, "eager")] = {b: (lambda m=m, x=x: m(x)) for b, x in inputs.items()}
@@ -163,10 +162,10 @@ def main():
                   f"(/MACs {row['speedup_over_macs_speedup_b64']:.2f})")
         else:
             print(f"{name:<56} {mode:<11} b1 {row['latency_ms_b1']:7.2f} ms  b64 {row['latency_ms_b64']:7.1f} ms")
-    path = write_result("prune_latency-resnet56", {
+    path = write_result("prune_latency-resnet56" + ("" if args.threads == 1 else f"-{args.threads}threads"), {
         "protocol": (f"ResNet-56, 1x3x32x32 and 64x3x32x32 inputs, fp32, CPU, torch {torch.__version__}, "
                      f"{args.threads} thread(s), inference_mode, eval; modes: eager, eager with BN folded "
-                     f"(torch.fx fuse), onnxruntime on tandem's ONNX export ({ort_config}); untrained weights "
+                     f"(tandem.export.fold_bn: torch.fx fuse), onnxruntime on tandem's ONNX export ({ort_config}); untrained weights "
                      f"(He init, BN scales U(0.2,1)); macs_target={args.target}; {args.rounds} interleaved "
                      f"rounds per batch (batch 1: mean of {BATCHES[1]} calls per timing), the order rotating; "
                      f"speed-up = 1 / median over rounds of the per-round latency ratio to dense in the same "

@@ -17,6 +17,8 @@ Seeds can run as separate processes (one core each) and be merged:
     python benchmarks/quant_accuracy.py --seeds 0 --rows /tmp/s0.json &
     python benchmarks/quant_accuracy.py --seeds 1 --rows /tmp/s1.json; wait
     python benchmarks/quant_accuracy.py --merge /tmp/s0.json /tmp/s1.json  (same other options)
+(a run stopped part-way keeps its finished rows in benchmarks/results/quant_accuracy-partial-<seeds>.json,
+which --merge also reads)
 """
 from __future__ import annotations
 
@@ -60,8 +62,12 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     if a.merge:
-        for f in a.merge:
-            rows += json.loads(open(f).read())["rows"]
+        for f in a.merge:   # a --rows file, or the partial file a run keeps while it goes (a list of rows)
+            data = json.loads(open(f).read())
+            rows += data["rows"] if isinstance(data, dict) else data
+        keys = [(r["seed"], r["quantizer"], r["bits"], r.get("layout")) for r in rows]
+        if len(keys) != len(set(keys)):
+            raise SystemExit(f"--merge: rows given twice: {sorted({k for k in keys if keys.count(k) > 1})}")
         a.seeds = sorted({r["seed"] for r in rows})
     for seed in ([] if a.merge else a.seeds):
         loader, val_loader, test_loader, calib = cpu_small_loaders(a.root, seed, a.subset, a.val_subset,

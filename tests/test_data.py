@@ -488,6 +488,7 @@ def test_image_folder_cache_hit_corruption_and_invalidation(tmp_path, monkeypatc
     entries = list((tmp_path / "cache" / "decoded").iterdir())
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     assert not list(entries[0].glob("*.tmp"))
+    assert not list(entries[0].glob(".*"))   # no temporary file left beside the entry
 
     real_decode = image_folder.decode_images
     calls = []
@@ -605,6 +606,15 @@ def test_tiny_imagenet_errors(tmp_path):
     (info["root"] / "val" / "val_annotations.txt").unlink()
     with pytest.raises(DataError, match=r"expected .*val_annotations\.txt in"):
         load_dataset("tiny-imagenet", tmp_path)
+
+
+def test_tiny_imagenet_val_images_of_another_size_need_image_size(tmp_path):
+    info = write_tiny(tmp_path, n_val=3)
+    for f in (info["root"] / "val" / "images").iterdir():
+        Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(f, "JPEG")
+    with pytest.raises(DataError, match=r"val images are 7x6 but train images are 8x8; pass image_size"):
+        load_dataset("tiny-imagenet", tmp_path, cache=False)
+    assert load_dataset("tiny-imagenet", tmp_path, image_size=8, cache=False).test.shape == (3, 8, 8)
 
 
 # --- synthetic -----------------------------------------------------------------------------------

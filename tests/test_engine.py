@@ -312,3 +312,20 @@ def test_bf16_autocast_and_channels_last_reach_the_convs(amp, channels_last):
     assert seen[0] == (torch.bfloat16 if amp == "bf16" else torch.float32, channels_last)
     losses = [h["ce/n"] for h in trainer.history if "ce/n" in h]
     assert losses[-1] < losses[0], losses
+
+
+def test_eval_mode_gives_every_module_its_own_mode_back():
+    from tandem.modes import eval_mode
+
+    net = create_model("small_cnn", in_channels=1).train()
+    frozen = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()
+    before = [m.training for m in net.modules()]
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == before and not frozen.training
+    with pytest.raises(RuntimeError):
+        with eval_mode(net):
+            raise RuntimeError("a failed pass")
+    assert [m.training for m in net.modules()] == before
+    evaluate(net, [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))])
+    assert [m.training for m in net.modules()] == before

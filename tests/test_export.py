@@ -12,6 +12,7 @@ from tandem import cost
 from tandem.data import BatchLoader, load_dataset
 from tandem.engine import Trainer, cross_entropy_objective, evaluate
 from tandem.export import export_onnx, load_packed, onnx_agreement, pack_bits, save_packed, unpack_bits
+from tandem.quant import list_quantizers
 from tandem.quant import calibrate, quantize_
 from tandem.recipes import TrainSpec
 
@@ -68,7 +69,7 @@ def test_onnx_int8_agrees_with_fake_quant_on_digits(tmp_path, digits, method, pe
         assert ops.count("QuantizeLinear") == 4   # every input QDQ
 
 
-@pytest.mark.parametrize("method", ["lsq", "pact", "dorefa", "dorefa_picpq", "minmax", "percentile", "kmeans"])
+@pytest.mark.parametrize("method", list_quantizers())
 @pytest.mark.parametrize("w_bits,a_bits,first_last", [(2, 2, "same"), (3, 3, "same"), (4, 4, "same"), (2, 4, 8)])
 def test_onnx_parity_at_every_width(tmp_path, digits, method, w_bits, a_bits, first_last):
     """Every layer at 2, 3 or 4 bits (the first conv's signed input and the classifier included),
@@ -83,7 +84,8 @@ def test_onnx_parity_at_every_width(tmp_path, digits, method, w_bits, a_bits, fi
     check = onnx_agreement(net, rep.path, test)
     assert check["agreement"] >= 99.0 and abs(check["top1_onnx"] - check["top1_torch"]) <= 1.0, check
     adds = [n for n in onnx.load(rep.path).graph.node if n.op_type == "Add"]
-    coarse = 0 if method == "kmeans" else 4 if first_last == "same" else 2   # k-means: float weights, no DQ input
+    integer = tandem.quant.QUANTIZERS.get(method).weight.integer_grid   # k-means: float weights, no DQ input
+    coarse = 0 if not integer else 4 if first_last == "same" else 2
     assert len(adds) == coarse   # a bias Add for each layer fed by a sub-8-bit DequantizeLinear only
 
 
@@ -199,3 +201,34 @@ def test_export_refuses_a_mismatching_file(tmp_path, capsys, monkeypatch):
     assert main(["export", str(out), "--allow-mismatch"]) == 0
     assert "file kept" in capsys.readouterr().err
     assert len(list((out / "export").glob("*.onnx"))) == len(models)
+
+
+def test_fold_bn_gives_the_same_outputs_without_batchnorm_and_leaves_quantized_convs():
+    from tandem.export import fold_bn
+    from tandem.quant import calibrate, quantize_
+    torch.manual_seed(0)
+    net = tandem.create_model("resnet20", widths=[8] * 7 + [16] * 6 + [24] * 6)   # pruned-like widths
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.2, 1)
+    x = torch.randn(4, 3, 32, 32)
+    folded = fold_bn(net)
+    assert net.training and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), net.eval()(x), rtol=1e-4, atol=1e-4)
+    q = quantize_(copy.deepcopy(net), method="lsq", w_bits=4, a_bits=4)
+    calibrate(q, [x])
+    kept = fold_bn(q)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in kept.modules()) == 19   # a quantized conv keeps its BN
+    torch.testing.assert_close(kept(x), q.eval()(x))
+
+    from tandem.errors import TandemError
+    deploy = quantize_(copy.deepcopy(net), method="minmax", w_bits=8, a_bits=8, layout="deploy")
+    with pytest.raises(TandemError, match="fold_bn: ResNet has forward hooks"):
+        fold_bn(deploy)
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+    with pytest.raises(TandemError, match="fold_bn: torch.fx cannot trace Branchy"):
+        fold_bn(Branchy())

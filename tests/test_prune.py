@@ -13,8 +13,9 @@ from tandem import cost
 from tandem.engine import load_model, save_model
 from tandem.errors import RecipeError, TandemError
 from tandem.models import create_model, list_models
-from tandem.prune import (ChannelGraph, ChannelPruner, KeepMasked, SlimmingPenalty, SoftPruning,
-                          get_criterion, list_criteria, magnitude_masks, prune, select)
+from tandem.modes import eval_mode
+from tandem.prune import (ChannelGraph, ChannelPruner, Criterion, KeepMasked, SlimmingPenalty, SoftPruning,
+                          criterion_class, get_criterion, list_criteria, magnitude_masks, prune, register_criterion, select)
 from tandem.prune.masks import apply_weight_masks
 from tandem.prune.gates import gate_, ungate_
 from tandem.prune.select import MacsModel
@@ -100,10 +101,109 @@ def test_bn_scale_of_a_residual_stream_is_the_mean_over_its_bns():
     torch.testing.assert_close(get_criterion("bn_scale").score(graph, group), gammas.mean(0))
 
 
+STRUCTURED = [c for c in list_criteria() if criterion_class(c).structured]
+
+
 def test_criteria_listing_and_unknown_criterion():
-    assert set(list_criteria()) == {"l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"}
+    names = list_criteria()
+    assert {"l1", "l2", "fpgm", "bn_scale", "hrank", "random", "magnitude"} <= set(names)   # the built-in ones
+    assert [criterion_class(c).structured for c in names] == sorted((criterion_class(c).structured for c in names),
+                                                                     reverse=True)   # structured first
     with pytest.raises(TandemError, match="allowed: .*fpgm.*hrank"):
         get_criterion("taylor")
+
+
+class _MeanActivation(Criterion):
+    """Mean |output| of each conv channel over the batches: a data-driven criterion defined in this
+    file, with no edit to tandem. `seen` keeps the sum of |x| of every batch it was given."""
+    needs_data = True
+    seen: list = []
+
+    def __init__(self, batches: int = 6):
+        self.batches = batches
+        self.means: dict = {}
+
+    def prepare(self, graph, batches=()):
+        convs = {m.module for g in graph.groups for m in g.of_kind("out", "dw")
+                 if isinstance(graph.module(m.module), nn.Conv2d)}
+        sums: dict = {}
+
+        def hook(name):
+            return lambda _m, _i, out: sums.__setitem__(name, sums.get(name, 0) + out.detach().abs().mean((0, 2, 3)))
+
+        handles = [graph.module(n).register_forward_hook(hook(n)) for n in convs]
+        try:
+            with eval_mode(graph.model), torch.no_grad():
+                for x in list(batches)[:self.batches]:
+                    type(self).seen.append(x.abs().sum().item())
+                    graph.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        self.means = sums
+
+    def score(self, graph, group):
+        parts = [self.means.get(m.module) for m in group.of_kind("out", "dw")]
+        if not parts or any(p is None for p in parts):
+            return None
+        return sum(p[m.offset:m.offset + group.size] for p, m in zip(parts, group.of_kind("out", "dw")))
+
+
+def test_a_criterion_defined_in_a_test_module_prunes_through_the_api_a_recipe_and_a_reload(tmp_path):
+    """A new criterion is one class: registered here, it runs through tandem.prune, a recipe
+    (given real training batches, not zeros) and a saved, reloaded model file."""
+    import tandem
+    from tandem.cli import main
+    from tandem.prune.criteria import CRITERIA
+
+    register_criterion("mean_activation")(_MeanActivation)
+    try:
+        torch.manual_seed(0)
+        model = _randomize_bn(create_model("small_cnn", in_channels=1))
+        x = torch.randn(8, 1, 8, 8)
+        _MeanActivation.seen.clear()
+        small = tandem.prune(model, x[:1], "mean_activation", ratio=0.5, data=[x, x + 1], batches=1)
+        assert _MeanActivation.seen == [pytest.approx(x.abs().sum().item())]
+        assert cost.profile(small, (1, 8, 8)).macs < cost.profile(model, (1, 8, 8)).macs
+        save_model(small, tmp_path / "small.safetensors")
+        back, _ = load_model(tmp_path / "small.safetensors")
+        torch.testing.assert_close(back.eval()(x), small.eval()(x))
+        with pytest.raises(TandemError, match="all zeros: pass data"):
+            tandem.prune(model, torch.zeros(1, 1, 8, 8), "mean_activation", ratio=0.5)
+        with pytest.raises(TandemError, match="mean_activation takes no option 'seed'; allowed: batches"):
+            tandem.prune(model, x[:1], "mean_activation", ratio=0.5, data=[x], seed=1)
+
+        _MeanActivation.seen.clear()
+        out = tmp_path / "run"
+        assert main(["run", "method=prune", "prune.criterion=mean_activation", "prune.ratio=0.5",
+                     "prune.criterion_options={batches: 2}", "train.epochs=1", "train.progress=false",
+                     "report.latency=false", "--out", str(out)]) == 0
+        assert len(_MeanActivation.seen) == 2 and all(s > 0 for s in _MeanActivation.seen)   # training batches
+        rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+        assert rows["pruned"]["macs"] < rows["baseline"]["macs"]
+        net, _ = load_model(out / rows["pruned"]["model_file"])
+        assert cost.profile(net, (1, 8, 8)).macs == rows["pruned"]["macs"]
+    finally:
+        CRITERIA.unregister("mean_activation")
+    assert "mean_activation" not in list_criteria()
+
+
+def test_criterion_options_are_validated_and_hrank_batches_still_counts():
+    from tandem.recipes import load_recipe
+
+    with pytest.raises(RecipeError, match=r"prune.criterion_options = \{'bins': 3\}: hrank takes no option "
+                                          r"'bins'; allowed: batches, ties"):
+        load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.criterion_options={bins: 3}"])
+    with pytest.raises(RecipeError, match="hrank: option batches = 'two' must be of type int"):
+        load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.criterion_options={batches: two}"])
+    with pytest.raises(RecipeError, match="ties = 'rank' is not allowed"):
+        load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.criterion_options={ties: rank}"])
+    r = load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.hrank_batches=3"])
+    assert (r.prune.options_for_criterion(), r.prune.data_batches()) == ({"batches": 3}, 3)
+    r = load_recipe(None, ["method=prune", "prune.criterion=hrank", "prune.criterion_options={batches: 2, ties: l1}"])
+    assert (r.prune.options_for_criterion(), r.prune.data_batches()) == ({"batches": 2, "ties": "l1"}, 2)
+    r = load_recipe(None, ["method=prune", "prune.criterion=random", "prune.criterion_options.seed=4"])
+    assert (r.prune.options_for_criterion(), r.prune.data_batches()) == ({"seed": 4}, 0)
 
 
 # ---- surgery is exact -------------------------------------------------------------------------
@@ -204,7 +304,24 @@ def test_round_to_keeps_widths_multiples_and_the_target(scope):
         prune(model, x, "magnitude", ratio=0.5, round_to=8)
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn_scale", "hrank", "random"])
+@pytest.mark.parametrize("criterion", STRUCTURED)
+def test_every_criterion_prunes_saves_reloads_and_exports(tmp_path, criterion):
+    from tandem.export import export_onnx, ort_session
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model("resnet20", widths=[8] * 7 + [16] * 6 + [32] * 6)).eval()
+    x = torch.randn(8, 3, 32, 32)
+    small = prune(model, x[:1], criterion, ratio=0.5, data=[x]).eval()
+    assert cost.profile(small).macs < cost.profile(model).macs
+    save_model(small, tmp_path / "p.safetensors")
+    back, _ = load_model(tmp_path / "p.safetensors")
+    back.eval()
+    torch.testing.assert_close(back(x), small(x))
+    path = export_onnx(back, tmp_path / "p.onnx", (3, 32, 32)).path
+    out = ort_session(path).run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), small(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("criterion", STRUCTURED)
 def test_surgery_preserves_outputs_on_user_models(criterion):
     torch.manual_seed(0)
     model = _randomize_bn(_UserNet())
@@ -217,7 +334,7 @@ def test_surgery_preserves_outputs_on_user_models(criterion):
         ("bn_cat", "bn", 8), ("dw.0", "dw", 8), ("dw.1", "bn", 8), ("pw.0", "in", 8)}       # concat offsets
     assert {m.module for m in names["pw.0"].of_kind("out")} == {"pw.0", "se"}           # SE multiply
     assert [m.repeat for m in names["pw.0"].of_kind("in") if m.module == "fc1"] == [4]  # flatten
-    scope = "global" if criterion == "bn_scale" else "layer"
+    scope = criterion_class(criterion).default_scope
     _, removed, small = _check_exact(model, x, criterion, ratio=0.5, scope=scope, data=[x])
     assert not hasattr(small, "config") and isinstance(small, _UserNet)
 

@@ -254,7 +254,7 @@ class UserNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("method", ["dorefa", "dorefa_picpq", "pact", "lsq", "minmax", "percentile", "kmeans"])
+@pytest.mark.parametrize("method", tandem.quant.list_quantizers())
 def test_quantize_user_model_with_depthwise_grouped_residual(method):
     torch.manual_seed(0)
     net = UserNet()
@@ -361,3 +361,90 @@ def test_calibrate_refits_batchnorm_when_the_weight_quantizer_changes_the_scale(
             assert 0.5 < spread.median() < 2, (name, spread)
         else:
             assert torch.equal(bn.running_mean, before[name])
+
+
+class _Ternary(tandem.quant.WeightQuantizer):
+    """A quantizer written the way a user writes one, in one place: weights on {-s, 0, s} with
+    s = factor * mean|w| (per tensor), STE through the rounding."""
+
+    kind = "ternary"
+
+    def __init__(self, bits, per_channel=False, channels=1, factor=1.0):
+        super().__init__(bits, per_channel, channels)
+        self.factor = factor
+
+    @classmethod
+    def from_spec(cls, bits, layer, spec):
+        return cls(bits, spec.per_channel, layer.weight.shape[0], factor=spec.method_options().factor)
+
+    def _s(self, w):
+        return (self.factor * w.detach().abs().mean()).clamp_min(1e-8)
+
+    def forward(self, w):
+        s = self._s(w)
+        return round_ste((w / s).clamp(-1, 1)) * s
+
+    @torch.no_grad()
+    def affine(self, w):
+        s = self._s(w)
+        return torch.round((w / s).clamp(-1, 1)).long() + 1, s, -s
+
+    def decode(self, codes, scale):
+        return (codes - 1).float() * scale
+
+
+def test_a_quantizer_defined_in_one_place_runs_through_quantize_a_recipe_export_and_reload(tmp_path):
+    from pydantic import BaseModel
+
+    from tandem.cli import main
+    from tandem.engine import load_model
+    from tandem.export import export_onnx, onnx_agreement
+    from tandem.quant import LSQAct, QUANTIZERS, register_quantizer
+
+    class Options(BaseModel):
+        factor: float = 1.0
+
+    register_quantizer("ternary_test", weight=_Ternary, act=LSQAct, options=Options,
+                       description="a test's ternary weights with LSQ inputs")
+    try:
+        net = tandem.quantize_(UserNet(), method="ternary_test", w_bits=2, a_bits=4, options={"factor": 0.5})
+        assert isinstance(net.dw.weight_quantizer, _Ternary) and net.dw.weight_quantizer.factor == 0.5
+        assert isinstance(net.dw.input_quantizer, LSQAct)
+        with pytest.raises(RecipeError, match=r"options.factor: .*options of 'ternary_test': factor"):
+            tandem.quantize_(UserNet(), method="ternary_test", options={"factor": "big"})
+        with pytest.raises(RecipeError, match="quantizer 'lsq' takes no options"):
+            tandem.quantize_(UserNet(), method="lsq", options={"factor": 2})
+
+        out = tmp_path / "run"
+        assert main(["run", "method=quantize", "quant.method=ternary_test", "quant.w_bits=2", "quant.a_bits=4",
+                     "quant.options.factor=0.7", "train.epochs=2", "quant.epochs=1", "train.progress=false",
+                     "report.latency=false", "--out", str(out)]) == 0
+        rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+        row = rows["ternary_test-w2a4"]
+        assert row["top1"] > rows["quantize/init"]["top1"] + 10   # QAT trained it
+        back, _ = load_model(out / row["model_file"])           # rebuilt from its file, no other edit
+        inner = [m for m in back.modules() if isinstance(m, _Ternary)]
+        assert inner and all(q.factor == 0.7 for q in inner)
+        from tandem.data import BatchLoader, load_dataset
+        data = load_dataset("digits", None)
+        test = BatchLoader(data.test, 512, mean=data.mean, std=data.std)
+        rep = export_onnx(back, tmp_path / "t.onnx", (1, 8, 8))
+        assert rep.int8_weights                                  # its affine() is an integer grid
+        assert onnx_agreement(back, rep.path, test)["agreement"] >= 99.0
+    finally:
+        QUANTIZERS.unregister("ternary_test")
+
+
+@pytest.mark.parametrize("method", tandem.quant.list_quantizers())
+def test_every_quantizer_saves_and_reloads_bit_for_bit(tmp_path, method):
+    from tandem.engine import load_model, save_model
+    torch.manual_seed(0)
+    net = tandem.create_model("resnet20", widths=[8] * 7 + [16] * 6 + [32] * 6)
+    x = torch.randn(8, 3, 32, 32)
+    quantize_(net, method=method, w_bits=4, a_bits=4)
+    calibrate(net, [x])
+    net.eval()
+    save_model(net, tmp_path / "q.safetensors")
+    back, _ = load_model(tmp_path / "q.safetensors")      # rebuilt from its record, no data
+    back.eval()
+    assert torch.equal(back(x), net(x))

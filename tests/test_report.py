@@ -114,3 +114,20 @@ def test_report_without_baseline_or_test_size(tmp_path):
     assert verdict([_row("a", None, 1e6)]) == ["- No row has a test top-1: nothing to compare."]
     old = _row("old", 90.0, 1e6) | {"w_bits": "mixed", "a_bits": "mixed"}   # an older results.json
     assert "| mixed | mixed |" in markdown_table([old])
+
+
+def test_one_gain_column_from_each_rows_control(tmp_path):
+    rows = [_row("baseline", 95.0, 1e6),
+            _row("independent/pruned", 93.0, 4e5), _row("mutual/pruned", 93.62, 4e5, control="independent/pruned"),
+            _row("pqkd/no-kd", 89.0, 4e5, 2, 2), _row("pqkd/distilled", 90.5, 4e5, 2, 2, control="pqkd/no-kd"),
+            _row("sbs/uniform-control", 91.0, 4e5, 4, 4), _row("sbs/random-control", 92.0, 4e5, 4, 4),
+            _row("sbs/compressed", 91.5, 4e5, 4, 4, control=["sbs/uniform-control", "sbs/random-control", "gone"])]
+    write_report(tmp_path, _results([dict(r) for r in rows]))
+    md = (tmp_path / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert header.count("gain") == 1 and "top-1 gain over its control (pp)" in header   # one column, every method
+    assert "| +0.62 (independent/pruned) |" in md and "| +1.50 (pqkd/no-kd) |" in md
+    assert "| +0.50 (sbs/uniform-control); -0.50 (sbs/random-control) |" in md   # a missing control is skipped
+    assert "| independent/pruned | 93.00 |" in md and "**top-1 gain over its control (pp)**: test top-1 minus" in md
+    back = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["models"]}
+    assert back["mutual/pruned"]["gain_over_independent"] == pytest.approx(0.62)     # results.json as before

@@ -277,3 +277,12 @@ def test_sbs_clips_start_calibrated_and_weights_keep_their_scale():
                       method="sbs", w_bits=8, a_bits=8, first_last="same", act_init="paper")
     calibrate(paper, [torch.rand(2, 8, 6, 6)])
     assert float(paper[0].weight_quantizer.alpha) == 1.0 == float(paper[2].input_quantizer.alpha)
+
+
+def test_the_method_composes_bit_sharing_without_its_internals():
+    """methods/sbs.py asks tandem.quant.bit_sharing (and quantize's record) by function: it names no
+    bit-sharing class and edits no transform record."""
+    import inspect
+    import tandem.methods.sbs as sbs_module
+    source = inspect.getsource(sbs_module)
+    assert not any(word in source for word in ("SBSWeight", "SBSAct", "tandem_transforms", "kept_by"))

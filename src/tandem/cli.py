@@ -97,7 +97,7 @@ def _seeds(ns, overrides: list[str]) -> list[int] | None:
 def _run_seeds(ns, recipe, recipe_path, overrides, seeds: list[int]) -> int:
     """`tandem run --seeds`: one normal run folder per seed, OUT/seed<N>/, then the summary in OUT.
     OUT keeps the recipe (seed aside) and seeds.json, so `--resume --out OUT` needs nothing else."""
-    from .engine.checkpoint import atomic_write
+    from .files import atomic_write
     from .grid import run_folder
     from .recipes import dump_recipe, load_recipe, same_recipe
     from .runner import default_out_dir

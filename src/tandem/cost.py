@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from .modes import eval_mode
+
 _LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -117,19 +119,15 @@ def _run_hooked(model: nn.Module, input_size) -> list[tuple[str, nn.Module, tupl
     calls = []
     hooks = [m.register_forward_hook(lambda m, i, o: calls.append((names[id(m)], m, tuple(o.shape[1:]))))
              for m in model.modules() if isinstance(m, _LAYERS)]
-    modes = [(m, m.training) for m in model.modules()]
     ref = next(iter(list(model.parameters()) + list(model.buffers())), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes:
-            m.training = training
     return calls
 
 

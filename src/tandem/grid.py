@@ -29,13 +29,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .engine.checkpoint import atomic_write
+from .files import atomic_write
 from .errors import TandemError
 from .summary import fmt as _f
 
 DEFAULT_PRUNERS = ("l1", "fpgm", "hrank")
 DEFAULT_QUANTIZERS = ("dorefa", "pact", "lsq")
-SOFT_PRUNERS = ("fpgm", "l2")   # FPGM and SFP (L2 norm) are soft methods; L1 (Li et al.) and HRank one-shot
 
 
 def check_names(names: list[str], allowed: list[str], what: str) -> list[str]:
@@ -53,10 +52,12 @@ def parse_list(text: str | None, default) -> list[str]:
 
 
 def _schedule(recipe, pruner: str) -> str:
-    """The recipe's prune.schedule, except that soft applies only to FPGM and SFP's L2 norm:
-    L1 (Li et al.), HRank and the others are defined one-shot and stay one-shot."""
+    """The recipe's prune.schedule, except that soft applies only to criteria defined with it
+    (``Criterion.soft``: FPGM and SFP's L2 norm): L1 (Li et al.), HRank and the others are
+    defined one-shot and stay one-shot."""
+    from .prune import criterion_class
     schedule = recipe.prune.schedule if recipe.prune else "one_shot"
-    return "one_shot" if schedule == "soft" and pruner not in SOFT_PRUNERS else schedule
+    return "one_shot" if schedule == "soft" and not criterion_class(pruner).soft else schedule
 
 
 def run_folder(path: Path, recipe, log=print, what: str = "grid") -> dict:
@@ -235,8 +236,7 @@ def plot_grid(summary: dict, path: Path) -> None:
         ax.set_ylabel("pruner")
         ax.set_title(f"{title}\nmutual - independent (pp)", fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

@@ -7,72 +7,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, one_of
-from .prune.spec import PruneSpec
-
-
-def _stage_fractions(v: list[float]) -> list[float]:
-    if any(not 0 < m < 1 for m in v):
-        raise ValueError("milestones are fractions of the stage's epochs, each in (0, 1)")
-    return v
-
-
-# a method stage's lr milestones, as fractions of its epochs (TrainSpec.multistep)
-StageMilestones = Annotated[list[float], AfterValidator(_stage_fractions)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Named(Section):
-    """A section that may be given as its name alone (`model: resnet20`)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, v):
-        return {"name": v} if isinstance(v, str) else v
-
-
-class ArchSpec(Named):
-    """A model (the model section, a teacher): a registered one by `name` (with widths and
-    options), or the user's own by `factory` ('package.module:function', called with
-    num_classes and in_channels where it takes them, and `options`)."""
-    name: str = "small_cnn"
-    factory: Optional[str] = None
-    widths: Optional[list[int]] = None
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        from .models import list_models
-        from .models.registry import is_factory
-        return v if is_factory(v) else one_of(v, list_models(), "model")
-
-    @model_validator(mode="after")
-    def _factory(self):
-        """A factory model is named by its factory (so name and factory agree once written)."""
-        from .models.registry import is_factory
-        if self.factory is None and is_factory(self.name):
-            object.__setattr__(self, "factory", self.name)
-        if self.factory is None:
-            return self
-        if not is_factory(self.factory):
-            raise ValueError(f"factory {self.factory!r}: write it as 'package.module:function'")
-        if "name" in self.model_fields_set and self.name != self.factory:
-            raise ValueError(f"name {self.name!r} and factory {self.factory!r} both given: name picks a registered "
-                             f"model, factory builds your own; give one")
-        if self.widths is not None:
-            raise ValueError("widths set the layers of a registered model; a factory builds its own architecture "
-                             "(give its options instead)")
-        object.__setattr__(self, "name", self.factory)
-        return self
+from .fields import ArchSpec, Named, Section, StageMilestones  # noqa: F401  (re-exported: tandem.recipes.ArchSpec)
 
 
 class ModelSpec(ArchSpec):
@@ -174,8 +115,8 @@ DEFAULT_JOB_SECTIONS = {"prune": {"criterion": "l1", "macs_target": 0.06},
 
 
 def method_sections() -> dict[str, type[BaseModel]]:
-    """{section name: its pydantic model}: the sections the registered methods own
-    (prune, quant, mutual, distill, pdd, ...; tandem.methods.register_section)."""
+    """{section name: its pydantic model}: the sections the registered methods read, each
+    declared in its method's `register_method(name, sections={...})`."""
     from .methods import SECTIONS
     return dict(SECTIONS.items())
 
@@ -343,15 +284,9 @@ def validate(raw: dict) -> Recipe:
     except ValidationError as exc:
         # one line, whatever odd characters a key or value holds
         raise RecipeError(" ".join(_format_error(exc, raw).split())) from None
-    _check_combinations(recipe)
+    from .methods import check_recipe
+    check_recipe(recipe)   # each method's checks: settings valid alone but not together
     return recipe
-
-
-def _check_combinations(recipe: Recipe) -> None:
-    """Settings that are valid alone but not together (RecipeError, before anything runs)."""
-    if recipe.mutual is not None and recipe.mutual.init == "scratch":
-        from .methods.mutual import check_scratch
-        check_scratch(recipe.prune or PruneSpec())
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:

@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from .engine.checkpoint import atomic_write
+from .files import atomic_write
 
 
 def _num(v) -> bool:
@@ -205,11 +205,10 @@ def plot_summary(s: dict, path: Path) -> None:
                  f"seeds {', '.join(str(x) for x in s['seeds'])}",
                  fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:

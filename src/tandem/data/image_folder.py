@@ -24,7 +24,6 @@ import io
 import json
 import multiprocessing
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..files import atomic_write
 from .augment import Augment
 from .core import ImageSet, SourceData, check_int, parse_image_size, stratified_split
 from .registry import register_dataset
@@ -261,22 +261,6 @@ def decode_images(
 # --- cache -------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _read_cache(folder: Path, key: dict) -> tuple[dict[str, np.ndarray], dict] | None:
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
@@ -318,22 +302,17 @@ def cached_arrays(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in arrays.items():
-            _atomic_write(folder / f"{name}.npy", lambda f, a=arr: np.save(f, a, allow_pickle=False))
+            atomic_write(folder / f"{name}.npy", lambda tmp, a=arr: np.save(tmp, a, allow_pickle=False), fsync=True)
         meta = {
             "key": key,
             "info": info,
             "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()},
         }
-        _atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_bytes(json.dumps(meta, indent=1).encode()),
+                     fsync=True)
     except OSError as e:
         warnings.warn(f"could not write the decoded-image cache in {folder} ({e}); continuing without it")
     return arrays, info
-
-
-def to_imageset(images_nhwc: np.ndarray, labels: np.ndarray) -> ImageSet:
-    """uint8 N x H x W x C numpy + labels -> contiguous N x C x H x W ImageSet."""
-    images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
 
 
 def check_common_options(what: str, channels, image_size, limit_per_class, workers):
@@ -364,8 +343,8 @@ def _limit(members: list[tuple[str, str]], limit: int | None) -> list[tuple[str,
     return kept
 
 
-def _plan(source: FileSource, limit: int | None) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
-    """Class names and, per split (``train``/``test``, or ``all``), the (member, class) pairs."""
+def _plan(source: FileSource, limit: int | None) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Class names and, per split (``train``/``test``, or ``all``), the (member, label) pairs."""
     what = source.what
     files = source.image_files()
     if not files:
@@ -402,32 +381,18 @@ def _plan(source: FileSource, limit: int | None) -> tuple[list[str], dict[str, l
             )
         splits["all"] = _limit(pairs, limit)
         classes = sorted({c for _, c in splits["all"]})
-    return classes, splits
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, {split: [(m, index[c]) for m, c in pairs] for split, pairs in splits.items()}
 
 
-@register_dataset("image-folder")
-def load_image_folder_source(
-    root: Path,
-    *,
-    channels: int = 3,
-    image_size: int | tuple[int, int] | None = None,
-    test_fraction: float | None = None,
-    limit_per_class: int | None = None,
-    cache: bool = True,
-    workers: int | None = None,
-) -> SourceData:
-    """Class folders of images in a folder or .zip (``train/`` + ``test/`` or class folders directly).
-
-    Options: ``channels`` 3 (RGB) or 1 (L); ``image_size`` int or [h, w] to resize
-    to (else all images must share one size); ``test_fraction`` (default 0.2, only
-    for the class-folders-directly layout): stratified share held out as the test
-    split with a fixed seed; ``limit_per_class``: keep only the first k files
-    (sorted) per class and split, for quick runs; ``cache`` (default on): keep the
-    decoded arrays in ``$TANDEM_CACHE``; ``workers``: decoding processes.
-    Normalisation: mean/std of the train split. Default augmentation: random crop
-    with padding min(H, W) // 8 and horizontal flip.
-    """
-    what = "image-folder"
+def load_folder(what: str, root: Path, plan: Callable, *, channels: int, image_size, limit_per_class,
+                cache, workers, test_fraction: float | None = None) -> SourceData:
+    """What every dataset of image files shares (image-folder, tiny-imagenet): the options
+    checked, the splits that ``plan(source, limit)`` lists (class names and, per split, the
+    (member, label) pairs: ``train`` and ``test``, or ``all``, which a stratified
+    ``test_fraction``, default 0.2, splits with a fixed seed) decoded once and cached.
+    Normalisation: mean/std of the train split. Default augmentation: random crop with padding
+    min(H, W) // 8 and horizontal flip."""
     size, limit, workers = check_common_options(what, channels, image_size, limit_per_class, workers)
     if test_fraction is not None and (
         isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 <= test_fraction < 1
@@ -445,14 +410,12 @@ def load_image_folder_source(
     }
 
     def build() -> tuple[dict[str, np.ndarray], dict]:
-        classes, splits = _plan(source, limit)
-        index = {c: i for i, c in enumerate(classes)}
+        classes, splits = plan(source, limit)
         arrays = {}
         for split, pairs in splits.items():
-            members = [m for m, _ in pairs]
-            arr = decode_images(source, members, channels=channels, image_size=size, workers=workers)
+            arr = decode_images(source, [m for m, _ in pairs], channels=channels, image_size=size, workers=workers)
             arrays[f"{split}_images"] = arr.transpose(0, 3, 1, 2).copy()  # stored N x C x H x W
-            arrays[f"{split}_labels"] = np.array([index[c] for _, c in pairs], dtype=np.int64)
+            arrays[f"{split}_labels"] = np.array([label for _, label in pairs], dtype=np.int64)
         return arrays, {"class_names": classes}
 
     arrays, info = cached_arrays(key, build, use_cache=bool(cache))
@@ -480,3 +443,29 @@ def load_image_folder_source(
         class_names=classes,
         augment=default_augment(h, w),
     )
+
+
+@register_dataset("image-folder")
+def load_image_folder_source(
+    root: Path,
+    *,
+    channels: int = 3,
+    image_size: int | tuple[int, int] | None = None,
+    test_fraction: float | None = None,
+    limit_per_class: int | None = None,
+    cache: bool = True,
+    workers: int | None = None,
+) -> SourceData:
+    """Class folders of images in a folder or .zip (``train/`` + ``test/`` or class folders directly).
+
+    Options: ``channels`` 3 (RGB) or 1 (L); ``image_size`` int or [h, w] to resize
+    to (else all images must share one size); ``test_fraction`` (default 0.2, only
+    for the class-folders-directly layout): stratified share held out as the test
+    split with a fixed seed; ``limit_per_class``: keep only the first k files
+    (sorted) per class and split, for quick runs; ``cache`` (default on): keep the
+    decoded arrays in ``$TANDEM_CACHE``; ``workers``: decoding processes.
+    Normalisation: mean/std of the train split. Default augmentation: random crop
+    with padding min(H, W) // 8 and horizontal flip.
+    """
+    return load_folder("image-folder", root, _plan, channels=channels, image_size=image_size,
+                       limit_per_class=limit_per_class, cache=cache, workers=workers, test_fraction=test_fraction)

@@ -2,28 +2,18 @@
 
 Layout: ``wnids.txt`` (the 200 class ids), ``train/<wnid>/images/*.JPEG`` and
 ``val/images/*.JPEG`` labelled by ``val/val_annotations.txt`` (tab-separated:
-file name, wnid, box). The unlabelled ``test/`` folder is ignored. Decoding and
-caching are image-folder's (:mod:`tandem.data.image_folder`).
+file name, wnid, box). The unlabelled ``test/`` folder is ignored. Decoding, caching and the
+rest of loading are image-folder's (:func:`tandem.data.image_folder.load_folder`); this module
+only lists the files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import PIL
-import torch
-
 from ..errors import DataError
-from .core import ImageSet, SourceData
-from .image_folder import (
-    CACHE_FORMAT,
-    FileSource,
-    cached_arrays,
-    check_common_options,
-    decode_images,
-    default_augment,
-)
+from .core import SourceData
+from .image_folder import FileSource, load_folder
 from .registry import register_dataset
 
 WHAT = "tiny-imagenet"
@@ -118,39 +108,9 @@ def load_tiny_imagenet_source(
     image_size, limit_per_class, cache, workers). Normalisation: mean/std of the
     train split. Default augmentation: crop padding min(H, W) // 8 and horizontal flip.
     """
-    size, limit, workers = check_common_options(WHAT, channels, image_size, limit_per_class, workers)
-    source = FileSource(root, WHAT)
-    key = {
-        "format": CACHE_FORMAT,
-        "kind": WHAT,
-        "source": source.fingerprint(),
-        "channels": channels,
-        "image_size": list(size) if size else None,
-        "limit_per_class": limit,
-        "pillow": PIL.__version__,
-    }
-
-    def build():
-        classes, splits = _plan(source, limit)
-        arrays = {}
-        for split, pairs in splits.items():
-            arr = decode_images(source, [m for m, _ in pairs], channels=channels, image_size=size, workers=workers)
-            if split == "test" and len(arr) and arr.shape[1:3] != arrays["train_images"].shape[2:4]:
-                raise DataError(f"{WHAT}: val images are {arr.shape[2]}x{arr.shape[1]} but train images are "
-                                f"{arrays['train_images'].shape[3]}x{arrays['train_images'].shape[2]}; "
-                                "pass image_size")  # fmt: skip
-            arrays[f"{split}_images"] = arr.transpose(0, 3, 1, 2).copy()
-            arrays[f"{split}_labels"] = np.array([label for _, label in pairs], dtype=np.int64)
-        return arrays, {"class_names": classes}
-
-    arrays, info = cached_arrays(key, build, use_cache=bool(cache))
-    train = ImageSet(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]))
-    test = ImageSet(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"]))
-    _, h, w = train.shape
-    return SourceData(
-        train=train,
-        test=test,
-        num_classes=len(info["class_names"]),
-        class_names=list(info["class_names"]),
-        augment=default_augment(h, w),
-    )
+    data = load_folder(WHAT, root, _plan, channels=channels, image_size=image_size, limit_per_class=limit_per_class,
+                       cache=cache, workers=workers)
+    if len(data.test) and data.test.shape[1:] != data.train.shape[1:]:
+        raise DataError(f"{WHAT}: val images are {data.test.shape[2]}x{data.test.shape[1]} but train images are "
+                        f"{data.train.shape[2]}x{data.train.shape[1]}; pass image_size")
+    return data

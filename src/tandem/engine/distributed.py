@@ -87,13 +87,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / info().world_size
 
 
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers into every rank's `module` (in place)."""
-    if info().enabled:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

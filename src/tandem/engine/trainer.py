@@ -97,8 +97,7 @@ def cross_entropy_objective(outputs: dict, y: torch.Tensor, x: torch.Tensor) -> 
 class Trainer:
     def __init__(self, nets: dict, objective: Objective, cfg, *, device="cpu", frozen: dict | None = None,
                  callbacks=(), ckpt_path: Path | None = None, log: MetricsLog | None = None,
-                 stage: str = "train", make_optimizer=None, find_unused_parameters: bool = False,
-                 update: str = "simultaneous", param_options: dict | None = None):
+                 stage: str = "train", update: str = "simultaneous", param_options: dict | None = None):
         if update not in ("simultaneous", "sequential"):
             raise TandemError(f"update = {update!r}; allowed: simultaneous, sequential")
         self.update = update
@@ -118,8 +117,8 @@ class Trainer:
         self.forward_nets = self.nets
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_nets = {n: torch.nn.parallel.DistributedDataParallel(
-                m, device_ids=ids, find_unused_parameters=find_unused_parameters) for n, m in self.nets.items()}
+            self.forward_nets = {n: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids)
+                                 for n, m in self.nets.items()}
         # teachers run in eval mode without gradients while this trainer fits; fit() gives them back
         # as they came, so a teacher shared across stages (ctx.pretrained()) can be trained later
         self._frozen_as_given = {n: (m.training, [p.requires_grad for p in m.parameters()])
@@ -132,9 +131,8 @@ class Trainer:
         self.log = log if (log is not None and self.dist.is_main) else MetricsLog(None)
         self.stage = stage
         self.autocast = autocast_for(self.device, cfg.amp)
-        make_optimizer = make_optimizer or (lambda net: build_optimizer(
-            parameter_groups(net, cfg, param_options), cfg))
-        self.optimizers = {n: make_optimizer(m) for n, m in self.nets.items()}
+        self.optimizers = {n: build_optimizer(parameter_groups(m, cfg, param_options), cfg)
+                           for n, m in self.nets.items()}
         self.schedulers: dict = {}
         self.epoch = 0          # epochs completed
         self.step = 0           # optimiser steps taken

@@ -1,7 +1,8 @@
 """Export: int8 QDQ ONNX that onnxruntime runs, and safetensors with bit-packed weights.
 
-    from tandem.export import export_onnx, onnx_agreement, save_packed, load_packed
+    from tandem.export import export_onnx, fold_bn, onnx_agreement, save_packed, load_packed
     export_onnx(model, "model.onnx", input_shape=(1, 28, 28))
+    fast = fold_bn(model)    # eager inference with BN folded into the convs
     save_packed(model, "model.packed.safetensors"); model2 = load_packed("model.packed.safetensors")
 
 `export_run(run_dir, "onnx" | "safetensors")` is `tandem export`: every model of a run folder,
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import TandemError
+from .fold import fold_bn
 from .onnx import OnnxExport, export_onnx, int_grid, onnx_agreement, ort_session
 from .runtime import RUNTIMES, Runtime, open_runtime
 from .packed import load_packed, pack_bits, save_packed, unpack_bits

@@ -27,7 +27,6 @@ import torch.nn as nn
 
 from ..errors import TandemError
 from ..quant.layers import QUANT_LAYERS
-from ..quant.kmeans import KMeansWeight
 from ..quant.quantizers import ActQuantizer
 
 
@@ -46,7 +45,7 @@ class OnnxExport:
 def int_grid(wq, w: torch.Tensor):
     """(int codes, per-channel scale) with forward(w) == codes * scale exactly, or None when the
     weight quantizer's grid is not an int8 grid."""
-    if wq is None or isinstance(wq, KMeansWeight) or not hasattr(wq, "affine"):
+    if wq is None or not wq.integer_grid:
         return None
     codes, scale, shift = wq.affine(w)
     c = w.shape[0]

@@ -22,8 +22,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..engine.checkpoint import _TRANSFORMS, atomic_write
+from ..engine.checkpoint import _TRANSFORMS
 from ..errors import CheckpointError
+from ..files import atomic_write
 from ..quant.layers import QUANT_LAYERS
 
 FORMAT = "tandem-packed-1"

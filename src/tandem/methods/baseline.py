@@ -2,9 +2,10 @@
 the reference every method compares to."""
 from __future__ import annotations
 
+from ..context import RunContext
 from . import register_method
 
 
 @register_method("baseline")
-def baseline(ctx) -> None:
+def baseline(ctx: RunContext) -> None:
     ctx.pretrained()

@@ -23,25 +23,26 @@ import torch
 import torch.nn as nn
 
 from .. import cost
+from ..context import RunContext
 from ..distill import FeatureTap, HintLoss
 from ..distill.objectives import KLRamp, dml_objective
 from ..distill.spec import MutualSpec
 from ..errors import RecipeError
-from ..prune import PruneSpec
-from ..prune.spec import default_scope
-from ..quant import QuantSpec
-from . import best_val, channel_pruning_preflight, register_method, register_section
+from ..modes import eval_mode
+from ..prune import PruneSpec, criterion_class
+from . import best_val, channel_pruning_preflight, register_method
 from .prune import PrunedNet, build_pruned
-from .quantize import build_quantized
+from .quantize import QuantSection, build_quantized
 
-register_section("mutual", MutualSpec)
+# both methods read the same sections: the peers (prune, quant) and the joint phase (mutual)
+PEER_SECTIONS = {"prune": PruneSpec, "quant": QuantSection, "mutual": MutualSpec}
 
 
-def mutual_spec(ctx) -> MutualSpec:
+def mutual_spec(ctx: RunContext) -> MutualSpec:
     return ctx.recipe.mutual or MutualSpec()
 
 
-def joint_cfg(ctx):
+def joint_cfg(ctx: RunContext):
     """The joint phase's schedule: train: with mutual.epochs / mutual.lr where given (both
     methods use it, so the control gets exactly the same budget)."""
     ms = mutual_spec(ctx)
@@ -57,13 +58,20 @@ def check_scratch(spec: PruneSpec) -> None:
         why = "prune.schedule = iterative fine-tunes P alone between steps"
     elif spec.sparsity_epochs:
         why = f"prune.sparsity_epochs = {spec.sparsity_epochs} trains P alone first"
-    elif spec.schedule == "one_shot" and (spec.scope or default_scope(spec.criterion)) == "global":
+    elif spec.schedule == "one_shot" and (spec.scope or criterion_class(spec.criterion).default_scope) == "global":
         why = "global ranking would compare random weights across layers (use prune.scope=layer)"
     if why:
         raise RecipeError(f"recipe error: mutual.init = 'scratch': {why}")
 
 
-def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
+def check_recipe(recipe) -> None:
+    """Both methods' recipe-level check: `mutual.init: scratch` refuses the pruning choices that
+    need trained weights (check_scratch), when the recipe is validated."""
+    if recipe.mutual is not None and recipe.mutual.init == "scratch":
+        check_scratch(recipe.prune or PruneSpec())
+
+
+def build_peers(ctx: RunContext) -> tuple[PrunedNet, nn.Module]:
     """P (pruned by the recipe's `prune:` section) and Q (quantized by its `quant:` section), from
     the pretrained model or, with `mutual.init: scratch`, from one random initialisation (the
     run's seed): P is then a thinner network (one-shot, layer scope: each layer keeps the same
@@ -76,7 +84,7 @@ def build_peers(ctx) -> tuple[PrunedNet, nn.Module]:
     # soft schedule: no fine-tune follows the removal, so the zeroed network must evaluate as
     # the removed one will (SoftPruning.zero_bn); the channels removed are those of the best epoch
     p = build_pruned(ctx, spec, prefix="peers-", soft_zero_bn=True, base=base)
-    q = build_quantized(ctx, ctx.recipe.quant or QuantSpec(), base=base)
+    q = build_quantized(ctx, ctx.recipe.quant or QuantSection(), base=base)
     return p, q
 
 
@@ -92,7 +100,7 @@ class WithAdapters(nn.Module):
         return self.net(x)
 
 
-def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
+def _feature_hints(ctx: RunContext, ms: MutualSpec, p: nn.Module, q: nn.Module):
     """Taps on `feature_layers` of both peers and one HintLoss per layer (P's feature, through a
     1x1 adapter when the widths differ, regressed on Q's detached feature)."""
     if not ms.feature_layers:
@@ -102,21 +110,20 @@ def _feature_hints(ctx, ms: MutualSpec, p: nn.Module, q: nn.Module):
     example = torch.zeros(2, *ctx.input_size, device=ctx.device)
     with torch.no_grad():
         for net in (p, q):
-            was = net.training
-            net.to(ctx.device).eval()(example)
-            net.train(was)
+            with eval_mode(net.to(ctx.device)):
+                net(example)
     hints = nn.ModuleList(HintLoss(tap_p.features[n].shape[1], tap_q.features[n].shape[1])
                           for n in ms.feature_layers)
     return tap_p, tap_q, hints
 
 
-def _record_starts(ctx, method: str, p: PrunedNet, q: nn.Module) -> None:
+def _record_starts(ctx: RunContext, method: str, p: PrunedNet, q: nn.Module) -> None:
     """Both peers as the joint phase starts (`<method>/init-pruned`, `<method>/init-quantized`)."""
     for peer, net in (("pruned", p.net), ("quantized", q)):
         ctx.record_init(f"{method}/init-{peer}", net, stage=f"{method}-joint")
 
 
-def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> None:
+def _record_peers(ctx: RunContext, method: str, p: PrunedNet, q: nn.Module, best: dict) -> None:
     def control(peer):   # mutual's rows name their control when it runs too
         return f"independent/{peer}" if method == "mutual" and "independent" in ctx.recipe.methods else None
     p_net = p.finish(best["pruned"]["epoch"])
@@ -128,8 +135,8 @@ def _record_peers(ctx, method: str, p: PrunedNet, q: nn.Module, best: dict) -> N
     ctx.record(f"{method}/quantized", q, best_val(best, "quantized"), stage=f"{method}-joint", control=control("quantized"))
 
 
-@register_method("mutual", sections=("prune", "quant", "mutual"))
-def mutual(ctx) -> None:
+@register_method("mutual", sections=PEER_SECTIONS, preflight=channel_pruning_preflight("mutual"), checks=check_recipe)
+def mutual(ctx: RunContext) -> None:
     ms = mutual_spec(ctx)
     p, q = build_peers(ctx)
     p_train = p.net
@@ -151,8 +158,9 @@ def mutual(ctx) -> None:
     _record_peers(ctx, "mutual", p, q, best)
 
 
-@register_method("independent", sections=("prune", "quant", "mutual"))
-def independent(ctx) -> None:
+@register_method("independent", sections=PEER_SECTIONS, preflight=channel_pruning_preflight("independent"),
+                 checks=check_recipe)
+def independent(ctx: RunContext) -> None:
     """The control: the same P and Q, same data, epochs, schedule, lr and seed, each trained
     with cross-entropy alone (one stage, own optimisers: no term couples them)."""
     p, q = build_peers(ctx)
@@ -160,7 +168,3 @@ def independent(ctx) -> None:
     cfg = joint_cfg(ctx)
     best = ctx.train_stage("independent-joint", {"pruned": p.net, "quantized": q}, cfg=cfg, callbacks=p.callbacks)
     _record_peers(ctx, "independent", p, q, best)
-
-
-mutual.preflight = channel_pruning_preflight("mutual")
-independent.preflight = channel_pruning_preflight("independent")

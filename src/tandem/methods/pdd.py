@@ -30,16 +30,19 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import cost
+from ..context import RunContext
 from ..distill.losses import hinton_kd
 from ..errors import CheckpointError, RecipeError, TandemError
+from ..fields import ArchSpec, Fraction, StageMilestones
 from ..prune import ChannelPruner
 from ..prune.block_gates import block_gate_, remove_blocks, residual_blocks
 from ..prune.gates import gate_, gates_of, remove_closed
-from ..recipes import ArchSpec, StageMilestones
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
+
+StudentMacs = Fraction("(0, 1]", "macs_target is the fraction of the student's MACs that remain")
 
 
 class PddSpec(BaseModel):
@@ -67,16 +70,9 @@ class PddSpec(BaseModel):
     finetune_lr: float = Field(0.01, gt=0)
     finetune_milestones: StageMilestones = Field(default_factory=lambda: [1 / 3, 2 / 3])   # 50, 100 of 150
     inherit: Literal["kept", "reinit"] = "kept"     # reinit: BN, biases and FC re-initialised, as the code
-    macs_target: Optional[float] = None             # beyond the paper: a budget, fraction of the student's MACs
+    macs_target: Optional[StudentMacs] = None       # beyond the paper: a budget, fraction of the student's MACs
     macs_weight: Optional[float] = Field(None, gt=0)   # its penalty's weight (default 1.0)
     controls: list[Literal["student", "kd", "l1"]] = Field(default_factory=lambda: ["student", "kd", "l1"])
-
-    @field_validator("macs_target")
-    @classmethod
-    def _macs(cls, v):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError("macs_target is the fraction of the student's MACs that remain; allowed range (0, 1]")
-        return v
 
     @model_validator(mode="after")
     def _no_dead_settings(self):
@@ -92,23 +88,20 @@ class PddSpec(BaseModel):
         return self
 
 
-register_section("pdd", PddSpec)
-
-
-def pdd_spec(ctx) -> PddSpec:
+def pdd_spec(ctx: RunContext) -> PddSpec:
     return ctx.recipe.pdd or PddSpec()
 
 
-def _schedule(ctx, spec: PddSpec, epochs: int, lr: float, milestones: list[float]):
+def _schedule(ctx: RunContext, spec: PddSpec, epochs: int, lr: float, milestones: list[float]):
     return ctx.recipe.train.multistep(epochs, lr, milestones, weight_decay=spec.weight_decay,
                                       batch_size=spec.batch_size or ctx.recipe.train.batch_size)
 
 
-def _example(ctx):
+def _example(ctx: RunContext):
     return torch.zeros(1, *ctx.input_size, device=ctx.device)
 
 
-def _preflight(ctx) -> None:
+def _preflight(ctx: RunContext) -> None:
     """Before the run folder is written: the student must be prunable, the teacher file must fit the data."""
     spec = pdd_spec(ctx)
     graph = traced_graph(ctx, "pdd", "the student model")
@@ -139,7 +132,7 @@ def _block_gated(spec: PddSpec, model: nn.Module) -> bool:
     return spec.gate_placement == "paper" and residual_blocks(model) is not None
 
 
-def _check_placement(ctx, spec: PddSpec, graph) -> None:
+def _check_placement(ctx: RunContext, spec: PddSpec, graph) -> None:
     """The paper's placement needs tandem's blocks on a model with residual streams (channel
     groups that several layers' outputs feed, tied by an addition)."""
     if spec.gate_placement != "paper":
@@ -160,7 +153,7 @@ def _check_placement(ctx, spec: PddSpec, graph) -> None:
                           f"per channel group)")
 
 
-def _teacher(ctx, spec: PddSpec) -> nn.Module | None:
+def _teacher(ctx: RunContext, spec: PddSpec) -> nn.Module | None:
     if spec.kd_mode == "ce_only":
         return None
     if spec.teacher is None and spec.teacher_checkpoint is None:
@@ -253,8 +246,8 @@ def _reductions(row: dict, student: dict) -> dict:
     return row
 
 
-@register_method("pdd", sections=("pdd",))
-def pdd(ctx) -> None:
+@register_method("pdd", sections={"pdd": PddSpec}, preflight=_preflight)
+def pdd(ctx: RunContext) -> None:
     spec = pdd_spec(ctx)
     teacher = _teacher(ctx, spec)
     start = copy.deepcopy(ctx.pretrained()) if spec.student_init == "pretrained" else ctx.create_model()
@@ -307,6 +300,3 @@ def pdd(ctx) -> None:
                                stage="pdd-finetune"), full)
     if "student" in spec.controls:
         _reductions(ctx.record("pdd/student", nets["student"], best_val(best, "student"), stage="pdd-finetune"), full)
-
-
-pdd.preflight = _preflight

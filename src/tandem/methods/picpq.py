@@ -52,19 +52,21 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import cost
+from ..context import RunContext
 from ..engine import Trainer, cross_entropy_objective, evaluate
-from ..engine.checkpoint import atomic_write
 from ..engine.distributed import on_rank0
 from ..errors import RecipeError
+from ..fields import Fraction, StageMilestones
+from ..files import atomic_write
 from ..prune import ChannelGraph, ChannelPruner, apply_removal, select
 from ..prune.criteria import HRank, break_ties_by_l1
 from ..quant import calibrate, quantize_
 from ..search.evolution import regularized_evolution
-from ..recipes import StageMilestones
-from . import best_val, register_method, register_section, traced_graph
+from . import best_val, register_method, traced_graph
 
 
 CONTROLS = ("rank", "uniform", "l1_bit_rule", "l1_uniform")
+PruneAway = Fraction("(0, 1)", "prune_away is the fraction of the MACs removed")
 
 
 class PicpqSpec(BaseModel):
@@ -72,7 +74,7 @@ class PicpqSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     rank_batches: int = Field(6, ge=1)
-    prune_away: float = 0.55                 # fraction of the MACs removed (ResNet-56 C10; VGG-16 0.653)
+    prune_away: PruneAway = 0.55             # fraction of the MACs removed (ResNet-56 C10; VGG-16 0.653)
     max_ratio: float = Field(0.9, ge=0, lt=1)   # safeguard 0.1: a layer keeps at least 10% of its channels
     population: int = Field(64, ge=1)
     sample: int = Field(16, ge=1)
@@ -117,13 +119,6 @@ class PicpqSpec(BaseModel):
                 raise ValueError("a control is named twice; allowed once each: " + ", ".join(CONTROLS))
         return v
 
-    @field_validator("prune_away")
-    @classmethod
-    def _away(cls, v):
-        if not 0 < v < 1:
-            raise ValueError("prune_away is the fraction of the MACs removed; allowed range (0, 1)")
-        return v
-
     @field_validator("penalty")
     @classmethod
     def _penalty(cls, v):
@@ -146,10 +141,7 @@ class PicpqSpec(BaseModel):
         return self
 
 
-register_section("picpq", PicpqSpec)
-
-
-def picpq_spec(ctx) -> PicpqSpec:
+def picpq_spec(ctx: RunContext) -> PicpqSpec:
     return ctx.recipe.picpq or PicpqSpec()
 
 
@@ -333,7 +325,7 @@ def _cycle(loader):
         yield from loader
 
 
-def _ranks(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], int]:
+def _ranks(ctx: RunContext, base, graph, spec) -> tuple[dict[str, torch.Tensor], int]:
     """The average ranks (the statistic as measured: equal ranks equal) and the number of
     images they average; kept in the run folder, read back by a resumed run."""
     from safetensors import safe_open
@@ -353,7 +345,7 @@ def _ranks(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], int]:
     return ranks, hrank.images
 
 
-def filter_property(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def filter_property(ctx: RunContext, base, graph, spec) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """FP per ranked layer (rank_ties l1: equal ranks ordered by the filter's L1 norm) and the
     std of each layer's measured ranks (the scale of the search's b, the same for both tie rules,
     so a search log stays valid across them)."""
@@ -364,7 +356,7 @@ def filter_property(ctx, base, graph, spec) -> tuple[dict[str, torch.Tensor], di
     return ranks, stds
 
 
-def _search(ctx, base, graph, ranks, stds, spec) -> dict:
+def _search(ctx: RunContext, base, graph, ranks, stds, spec) -> dict:
     layers = [n for n in graph.layers if n in ranks]
     initial, mutate = evolution_moves(layers, stds, spec.evaluations, spec.population, spec.mutate_fraction)
     search_cfg = ctx.recipe.train.model_copy(update={"lr": spec.search_lr, "weight_decay": spec.weight_decay,
@@ -388,12 +380,12 @@ def _search(ctx, base, graph, ranks, stds, spec) -> dict:
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
-def _schedule(ctx, spec, epochs, lr):
+def _schedule(ctx: RunContext, spec, epochs, lr):
     return ctx.recipe.train.multistep(epochs, lr, spec.milestones, gamma=spec.gamma,
                                       weight_decay=spec.weight_decay, nesterov=True)
 
 
-def _quantize_stages(ctx, spec, tag: str, init: str, net: nn.Module, bits: dict[str, int], in_bits: dict[str, int]):
+def _quantize_stages(ctx: RunContext, spec, tag: str, init: str, net: nn.Module, bits: dict[str, int], in_bits: dict[str, int]):
     """QAT (a) activations only, then (b) weights and activations, from (a)'s weights. The
     network as stage (a) starts is the init row `init` (PIC-PQ's own: stage (b)'s too, `init`-wa)."""
     act = quantize_(copy.deepcopy(net), _quant_spec(bits, in_bits, False, spec.act_range))
@@ -439,13 +431,13 @@ def penalty_for(bops_of, sparsity: dict[str, float], max_bits: dict[str, int], t
     return min(tries, key=lambda lam: abs(bops_of(bits(lam)) - target_bops))   # the first (the recipe's) wins ties
 
 
-def _preflight(ctx) -> None:
+def _preflight(ctx: RunContext) -> None:
     graph = traced_graph(ctx, "picpq")
     max_bits_of(picpq_spec(ctx), ctx.recipe.model.name, list(graph.layers))
 
 
-@register_method("picpq", sections=("picpq",))
-def picpq(ctx) -> None:
+@register_method("picpq", sections={"picpq": PicpqSpec}, preflight=_preflight)
+def picpq(ctx: RunContext) -> None:
     spec = picpq_spec(ctx)
     base = ctx.pretrained()
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
@@ -520,6 +512,3 @@ def picpq(ctx) -> None:
                 lam = penalty_for(l_bops_of, l_sparsity, max_bits, goal, spec)
                 l_bits, extra = bits_rule(l_sparsity, lam), {"penalty": lam}
             quantize_and_record(tag, name, init, l_net, l_sparsity, l_bits, l_in_bits(l_bits), **extra)
-
-
-picpq.preflight = _preflight

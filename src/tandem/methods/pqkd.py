@@ -22,18 +22,19 @@ import copy
 import torch
 
 from .. import cost
+from ..context import RunContext
 from ..distill.objectives import kd_objective
 from ..distill.spec import DistillSpec
 from ..errors import TandemError
 from ..prune import KeepMasked, PruneSpec
-from ..quant import QUANT_LAYERS, QuantSpec, calibrate, quantize_
-from . import best_val, channel_pruning_preflight, register_method, register_section
+from ..quant import QUANT_LAYERS, calibrate, quantize_
+from ..quant.registry import zero_keeping
+from . import best_val, channel_pruning_preflight, register_method
 from .prune import build_pruned, finetune_cfg
+from .quantize import QuantSection
 
-register_section("distill", DistillSpec)
 
-
-def _prune(ctx, spec: PruneSpec):
+def _prune(ctx: RunContext, spec: PruneSpec):
     """The `prune` method's pruning (`build_pruned`, stages `pqkd-*`) and its CE fine-tune.
     Returns (pruned net, its last stage, per-weight masks or None when structured, best)."""
     p = build_pruned(ctx, spec, prefix="pqkd-")
@@ -58,18 +59,19 @@ def check_zeros_kept(net, masks: dict, method: str) -> None:
         if revived:
             raise TandemError(f"quant.method = {method!r} turns {revived} pruned (zero) weights of layer "
                               f"{name!r} nonzero; with prune.criterion = magnitude use a quantizer whose grid "
-                              f"holds 0: lsq, minmax, percentile, kmeans, dorefa_picpq")
+                              f"holds 0: {', '.join(zero_keeping())}")
 
 
-def _control(ctx, spec: DistillSpec) -> bool:
+def _control(ctx: RunContext, spec: DistillSpec) -> bool:
     """distill.control unset: on for the cheap protocols, off for `paper` (it doubles KD's cost)."""
     return spec.control if spec.control is not None else ctx.recipe.protocol != "paper"
 
 
-@register_method("pqkd", sections=("prune", "quant", "distill"))
-def pqkd(ctx) -> None:
+@register_method("pqkd", sections={"prune": PruneSpec, "quant": QuantSection, "distill": DistillSpec},
+                 preflight=channel_pruning_preflight("pqkd"))
+def pqkd(ctx: RunContext) -> None:
     pspec = ctx.recipe.prune or PruneSpec()
-    qspec = ctx.recipe.quant or QuantSpec()   # defaults: LSQ W4A4, first/last layer 8 bits
+    qspec = ctx.recipe.quant or QuantSection()   # defaults: LSQ W4A4, first/last layer 8 bits
     dspec = ctx.recipe.distill or DistillSpec()
     teacher = ctx.pretrained()
 
@@ -115,6 +117,3 @@ def pqkd(ctx) -> None:
         row["gain_over_quantized"] = row["top1"] - quantized["top1"]
     if "no-kd" in rows:
         rows["distilled"]["gain_over_no_kd"] = rows["distilled"]["top1"] - rows["no-kd"]["top1"]
-
-
-pqkd.preflight = channel_pruning_preflight("pqkd")

@@ -1,7 +1,8 @@
 """prune: pretrained -> prune (one-shot, iterative or soft; network slimming's sparsity training
 first when asked) -> fine-tune -> record the baseline and the physically smaller model.
 
-Unstructured magnitude pruning keeps the shape; its row adds ``nonzero_macs``.
+An unstructured criterion (magnitude) keeps the shape; its row adds ``nonzero_macs``. A
+data-driven criterion (``needs_data``) scores on the first training batches.
 
 `build_pruned` is the part other methods share (mutual, independent): it prunes a copy of the
 pretrained network up to its last training stage and says how that stage must run.
@@ -15,21 +16,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cost
-from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning
-from ..prune.masks import apply_weight_masks, magnitude_masks
+from ..context import RunContext
+from ..prune import ChannelPruner, KeepMasked, PruneSpec, SlimmingPenalty, SoftPruning, get_criterion
+from ..prune.masks import apply_weight_masks
 from ..prune.schedules import step_fraction
 from ..engine.distributed import on_rank0
-from . import best_val, channel_pruning_preflight, register_method, register_section
-
-register_section("prune", PruneSpec)
+from . import best_val, channel_pruning_preflight, register_method
 
 
-def _batches(ctx, n):
-    """The first ``n`` training batches, inputs only (HRank's statistics)."""
+def _batches(ctx: RunContext, n):
+    """The first ``n`` training batches, inputs only (a data-driven criterion's statistics)."""
     return [x for x, _ in itertools.islice(iter(ctx.train_loader()), n)]
 
 
-def finetune_cfg(ctx, spec: PruneSpec):
+def finetune_cfg(ctx: RunContext, spec: PruneSpec):
     """train: with the prune section's fine-tune epochs / lr where given."""
     return ctx.recipe.train.for_stage(spec.finetune_epochs, spec.finetune_lr)
 
@@ -40,7 +40,7 @@ class PrunedNet:
 
     One-shot/iterative: `net` is already physically smaller (iterative: every step but the last
     was fine-tuned). Soft: `net` keeps its shape; `callbacks` zero and regrow its filters during
-    the last stage and `finish()` then removes them. Magnitude: `callbacks` hold the masks."""
+    the last stage and `finish()` then removes them. Unstructured: `callbacks` hold the masks."""
     net: torch.nn.Module
     stage: str                      # the name the prune method gives the last stage
     cfg: object                     # that stage's schedule (a TrainSpec)
@@ -59,7 +59,7 @@ class PrunedNet:
         return self.pruner.apply(removed if removed is not None else on_rank0(self.pruner.plan))
 
 
-def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
+def build_pruned(ctx: RunContext, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = False,
                  base: torch.nn.Module | None = None) -> PrunedNet:
     """Prune a copy of `base` (default `ctx.pretrained()`) by `spec`; the stages before the last one run here
     (named `prefix` + sparsity / finetune<k>), the last one is the caller's to run.
@@ -69,12 +69,14 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
     train = ctx.recipe.train
     finetune = finetune_cfg(ctx, spec)
     target = spec.target()
+    criterion_options = spec.options_for_criterion()
+    criterion = get_criterion(spec.criterion, **criterion_options)
 
-    if spec.criterion == "magnitude":
+    if not criterion.structured:
         steps = spec.steps if spec.schedule == "iterative" else 1
         sparsity = target["ratio"] if target["ratio"] is not None else 1 - target["macs_target"]
         for k in range(1, steps + 1):
-            masks = magnitude_masks(net, 1 - (1 - sparsity) ** (k / steps), spec.scope or "layer")
+            masks = criterion.masks(net, 1 - (1 - sparsity) ** (k / steps), spec.scope or criterion.default_scope)
             apply_weight_masks(net, masks)
             cfg = finetune.model_copy(update={"epochs": max(1, finetune.epochs // steps)}) if steps > 1 else finetune
             stage = f"{prefix}finetune{k if steps > 1 else ''}"
@@ -84,9 +86,8 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
 
     example = torch.zeros(1, *ctx.input_size, device=ctx.device)
     options = dict(scope=spec.scope, max_ratio=spec.max_ratio, normalize=spec.normalize, ignore=spec.ignore,
-                   round_to=spec.round_to,
-                   criterion_options={"batches": spec.hrank_batches} if spec.criterion == "hrank" else None)
-    data = _batches(ctx, spec.hrank_batches) if spec.criterion == "hrank" else None
+                   round_to=spec.round_to, criterion_options=criterion_options)
+    data = _batches(ctx, spec.data_batches()) if criterion.needs_data else None
 
     if spec.sparsity_epochs:
         cfg = train.model_copy(update={"epochs": spec.sparsity_epochs})
@@ -113,8 +114,8 @@ def build_pruned(ctx, spec: PruneSpec, prefix: str = "", soft_zero_bn: bool = Fa
     return PrunedNet(net, stage, cfg)
 
 
-@register_method("prune", sections=("prune",))
-def prune_method(ctx) -> None:
+@register_method("prune", sections={"prune": PruneSpec}, preflight=channel_pruning_preflight("prune"))
+def prune_method(ctx: RunContext) -> None:
     spec = ctx.recipe.prune or PruneSpec()
     p = build_pruned(ctx, spec)
     best = ctx.train_stage(p.stage, {"pruned": p.net}, cfg=p.cfg, callbacks=p.callbacks)
@@ -126,6 +127,3 @@ def prune_method(ctx) -> None:
     if p.pruner is not None:   # soft: the zero-and-regrow stage above, then a fine-tune of the smaller net
         best = ctx.train_stage("finetune", {"pruned": net}, cfg=finetune_cfg(ctx, spec))
     ctx.record("pruned", net, best_val(best, "pruned"))
-
-
-prune_method.preflight = channel_pruning_preflight("prune")

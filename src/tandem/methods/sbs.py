@@ -47,13 +47,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import cost
+from ..context import RunContext
 from ..errors import RecipeError, TandemError
+from ..fields import StageMilestones
 from ..prune import ChannelGraph
 from ..prune.gates import ThresholdGate, gate_, gates_of, remove_closed
-from ..quant import QUANT_LAYERS, calibrate, quantize_
-from ..quant.bit_sharing import SBSAct, SBSWeight, check_candidates, search_
-from ..recipes import StageMilestones
-from . import best_val, register_method, register_section, traced_graph
+from ..quant import calibrate, quantize_
+from ..quant.bit_sharing import (check_candidates, float_or_sbs_weights, forget_kept_, freeze_chosen_bits_,
+                                 layer_expected_bits, search_, standardise_over_kept, weight_and_input_quantizers)
+from ..quant.quantize import record_layer_bits
+from . import best_val, register_method, traced_graph
 
 
 class SbsSpec(BaseModel):
@@ -105,10 +108,7 @@ class SbsSpec(BaseModel):
         return self
 
 
-register_section("sbs", SbsSpec)
-
-
-def sbs_spec(ctx) -> SbsSpec:
+def sbs_spec(ctx: RunContext) -> SbsSpec:
     return ctx.recipe.sbs or SbsSpec()
 
 
@@ -121,9 +121,7 @@ def channel_groups(graph: ChannelGraph, which: str) -> list[str]:
         return []
 
     def searched(g):
-        mods = [graph.module(m.module) for m in g.members if m.kind in ("out", "dw", "in")]
-        quantized = [getattr(mod, "weight_quantizer", None) for mod in mods]
-        return all(q is None for q in quantized) or all(isinstance(q, SBSWeight) for q in quantized)
+        return float_or_sbs_weights(graph.module(m.module) for m in g.members if m.kind in ("out", "dw", "in"))
     return [g.name for g in graph.groups if searched(g) and
             (which == "all" or (len(g.of_kind("out")) == 1 and not g.of_kind("map_in", "map_out")))]
 
@@ -152,10 +150,8 @@ def attach_kept(model: nn.Module, graph: ChannelGraph, gates) -> None:
             if m.kind not in ("out", "dw", "in"):
                 continue
             layer = model.get_submodule(m.module)
-            wq = getattr(layer, "weight_quantizer", None)
-            if isinstance(wq, SBSWeight):
-                dim = 1 if m.kind == "in" else 0
-                wq.kept_by = [*(wq.kept_by or []), _Kept(gate, dim, m.offset, m.repeat, layer.weight.shape[dim])]
+            dim = 1 if m.kind == "in" else 0
+            standardise_over_kept(layer, _Kept(gate, dim, m.offset, m.repeat, layer.weight.shape[dim]))
 
 
 def check_group_size(graph: ChannelGraph, groups: list[str], group_size: int) -> None:
@@ -172,7 +168,7 @@ def _quant_policy(spec: SbsSpec, bits: int | None = None) -> dict:
             "first_last_method": "minmax", "act_init": spec.alpha_init, "sbs_weight_scale": spec.weight_scale}
 
 
-def build_quantized(ctx, base, spec: SbsSpec, bits: int | None = None) -> nn.Module:
+def build_quantized(ctx: RunContext, base, spec: SbsSpec, bits: int | None = None) -> nn.Module:
     """A copy of the pretrained model with the sbs quantizer at `bits` (default: the largest
     candidate), calibrated on training batches."""
     model = quantize_(copy.deepcopy(base), _quant_policy(spec, bits))
@@ -180,7 +176,7 @@ def build_quantized(ctx, base, spec: SbsSpec, bits: int | None = None) -> nn.Mod
     return model
 
 
-def build_searching(ctx, model, spec: SbsSpec, channels: str):
+def build_searching(ctx: RunContext, model, spec: SbsSpec, channels: str):
     """`model` (from build_quantized) with bit-sharing quantizers and (unless channels is
     'none') channel gates, in place; returns (model, channel gates or None, quantizers, graph)."""
     quantizers = search_(model, spec.bits, spec.input_bits)
@@ -203,10 +199,7 @@ def differentiable_bops(model: nn.Module, graph: ChannelGraph, gates) -> torch.T
         {n: l.unit * l.out * l.in_pg for n, l in graph.layers.items()}
     total = 0.0
     for name, m in macs.items():
-        layer = model.get_submodule(name)
-        wq, aq = getattr(layer, "weight_quantizer", None), getattr(layer, "input_quantizer", None)
-        wb = wq.expected_bits() if isinstance(wq, SBSWeight) else float(getattr(layer, "w_bits", 32))
-        ab = aq.expected_bits() if isinstance(aq, SBSAct) else float(getattr(layer, "a_bits", 32))
+        wb, ab = layer_expected_bits(model.get_submodule(name))
         total = total + m * wb * ab
     return total
 
@@ -217,8 +210,9 @@ class SearchControl:
     after each step t >= 0 and each channel tau in [0, tau_max]."""
 
     def __init__(self, quantizers, gates, max_prune_ratio: float):
-        self.weight = [q.gates.threshold for q in quantizers if isinstance(q, SBSWeight)]
-        self.act = [q.gates.threshold for q in quantizers if isinstance(q, SBSAct)]
+        weights, inputs = weight_and_input_quantizers(quantizers)
+        self.weight = [q.gates.threshold for q in weights]
+        self.act = [q.gates.threshold for q in inputs]
         self.gates, self.rho = gates, max_prune_ratio
 
     def after_backward(self, trainer) -> None:
@@ -241,7 +235,7 @@ class WidthLog:
     Counted on the device; read once per epoch."""
 
     def __init__(self, quantizers):
-        self.inputs = [q for q in quantizers if isinstance(q, SBSAct)]
+        self.inputs = weight_and_input_quantizers(quantizers)[1]
         self.last, self.flips = None, None
 
     @torch.no_grad()
@@ -287,38 +281,22 @@ def sbs_objective(spec: SbsSpec, model, graph, gates, target_bops: float | None)
 def freeze(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The compact model: each layer at the bits its hard gates chose, closed channels removed,
     the quantize_ record rewritten with per-layer widths so the file rebuilds it."""
-    chosen = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QUANT_LAYERS):
-            continue
-        wq, aq = layer.weight_quantizer, layer.input_quantizer
-        if isinstance(wq, SBSWeight) and wq.candidates is not None:
-            wq.freeze_(wq.selected(layer.weight))
-            layer.w_bits = wq.bits
-        if isinstance(aq, SBSAct) and aq.candidates is not None:
-            aq.freeze_(aq.selected())
-            layer.a_bits = aq.bits
-        chosen[name] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
-    for record in getattr(model, "tandem_transforms", []):
-        if record.get("kind") == "quantize":
-            record["policy"]["overrides"] = {**record["policy"].get("overrides", {}), **chosen}
+    record_layer_bits(model, freeze_chosen_bits_(model))
     if gates_of(model) is not None:
-        for m in model.modules():
-            if isinstance(m, SBSWeight):
-                m.kept_by = None
+        forget_kept_(model)
         return remove_closed(model, example)
     return copy.deepcopy(model)
 
 
-def _finetune_cfg(ctx, spec):
+def _finetune_cfg(ctx: RunContext, spec):
     return ctx.recipe.train.multistep(spec.finetune_epochs, spec.finetune_lr, spec.finetune_milestones)
 
 
-def _search_cfg(ctx, spec, epochs=None):
+def _search_cfg(ctx: RunContext, spec, epochs=None):
     return ctx.recipe.train.model_copy(update={"epochs": epochs or spec.search_epochs, "lr": spec.search_lr})
 
 
-def _run_sbs(ctx, spec, start, channels: str, tag: str, target_bops: float | None):
+def _run_sbs(ctx: RunContext, spec, start, channels: str, tag: str, target_bops: float | None):
     """Search from a copy of `start` (quantized at the largest width, warmed up), then freeze."""
     model, gates, quantizers, graph = build_searching(ctx, copy.deepcopy(start), spec, channels)
     objective = sbs_objective(spec, model, graph, gates, target_bops)
@@ -332,14 +310,14 @@ def _run_sbs(ctx, spec, start, channels: str, tag: str, target_bops: float | Non
     return freeze(model, torch.zeros(1, *ctx.input_size, device=ctx.device))
 
 
-def _preflight(ctx) -> None:
+def _preflight(ctx: RunContext) -> None:
     spec = sbs_spec(ctx)
     graph = traced_graph(ctx, "sbs")
     check_group_size(graph, channel_groups(graph, spec.channels), spec.group_size)
 
 
-@register_method("sbs", sections=("sbs",))
-def sbs(ctx) -> None:
+@register_method("sbs", sections={"sbs": SbsSpec}, preflight=_preflight)
+def sbs(ctx: RunContext) -> None:
     spec = sbs_spec(ctx)
     base = ctx.pretrained()
     fp_bops = cost.profile(base, ctx.input_size).bops
@@ -381,6 +359,3 @@ def sbs(ctx) -> None:
         best = ctx.train_stage("sbs-4bit-finetune", {"net": four}, cfg=_finetune_cfg(ctx, spec)) \
             if spec.finetune_epochs else None
         record("sbs/4bit", four, best, "sbs-4bit-finetune", searched=False)
-
-
-sbs.preflight = _preflight

@@ -12,9 +12,8 @@ import torch.nn as nn
 from ..errors import TandemError
 from .criteria import Criterion, get_criterion
 from .groups import ChannelGraph
-from .masks import apply_weight_masks, magnitude_masks, zero_channels
+from .masks import apply_weight_masks, zero_channels
 from .select import Removed, check_args, select
-from .spec import default_scope
 from .surgery import apply_removal
 
 
@@ -31,7 +30,9 @@ class ChannelPruner:
                  criterion_options: Optional[dict] = None, ignore: Sequence[str] = (), round_to: int = 1):
         self.criterion = criterion if isinstance(criterion, Criterion) else \
             get_criterion(criterion, **(criterion_options or {}))
-        scope = scope or default_scope(self.criterion.name)
+        if not self.criterion.structured:
+            raise TandemError(f"{self.criterion.name} pruning masks single weights, not channels: use prune()")
+        scope = scope or self.criterion.default_scope
         normalize = self.criterion.normalize if normalize == "auto" else normalize
         check_args(ratio, macs_target, scope, max_ratio, normalize, round_to)
         self.options = dict(ratio=ratio, macs_target=macs_target, scope=scope, max_ratio=max_ratio,
@@ -42,6 +43,9 @@ class ChannelPruner:
         self.ignored = _ignored_groups(self.graph, ignore)
         if len(self.ignored) == len(self.graph.groups):
             raise TandemError(f"ignore={list(ignore)} leaves no channel group of {type(model).__name__} to prune")
+        if data is None and self.criterion.needs_data and not example_input.any():
+            raise TandemError(f"the {self.criterion.name} criterion scores channels on data, and the example "
+                              f"input is all zeros: pass data (batches of real inputs)")
         self.data = data if data is not None else [example_input]
 
     def scores(self) -> dict:
@@ -72,7 +76,7 @@ def _ignored_groups(graph: ChannelGraph, patterns: Sequence[str]) -> set[str]:
             if any(fnmatchcase(m.module, p) for m in g.of_kind("out") for p in patterns)}
 
 
-def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", *, ratio: Optional[float] = None,
+def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Criterion = "l1", *, ratio: Optional[float] = None,
           macs_target: Optional[float] = None, scope: Optional[str] = None, max_ratio: float = 0.9,
           normalize: str = "auto", data: Optional[Iterable] = None, inplace: bool = False,
           ignore: Sequence[str] = (), round_to: int = 1, **criterion_options) -> nn.Module:
@@ -81,19 +85,21 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
 
     ``ratio``: fraction of channels removed (per layer, or across layers with
     ``scope='global'``); ``macs_target``: fraction of MACs that remain (0.5 = half). ``data``:
-    batches for data-driven criteria (hrank); default: the example input. ``ignore``: globs of
+    batches for data-driven criteria (``needs_data``: hrank); default: the example input. ``ignore``: globs of
     layer names whose output channels are left whole (e.g. ``["stem.0", "*.conv2"]`` keeps a
     ResNet's residual streams, as PFEC prunes ResNet-56). ``round_to``: kept widths are multiples
     of it (8 or 16 suit CPU kernels; see benchmarks/prune_latency.py). A built-in model comes back as
     ``create_model(name, widths=...)`` with the kept weights.
 
-    ``criterion='magnitude'`` is unstructured: the model keeps its shape, the smallest weights
-    become zero (``ratio`` of them, or ``1 - macs_target``), and cost.profile's nonzero_macs
-    reports the saving.
+    An unstructured criterion (``structured = False``: ``'magnitude'``) keeps the model's shape:
+    the smallest weights become zero (``ratio`` of them, or ``1 - macs_target``), and
+    cost.profile's nonzero_macs reports the saving. Extra keyword arguments are the criterion's
+    options (``Criterion.options()``).
     """
-    if criterion == "magnitude":
+    crit = criterion if isinstance(criterion, Criterion) else get_criterion(criterion, **criterion_options)
+    if not crit.structured:
         if round_to != 1:
-            raise TandemError("round_to rounds channel counts; magnitude pruning removes single weights "
+            raise TandemError(f"round_to rounds channel counts; {crit.name} pruning removes single weights "
                               "and keeps every channel, so it would have no effect")
         if (ratio is None) == (macs_target is None):
             raise TandemError("give exactly one of ratio or macs_target")
@@ -101,9 +107,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str = "l1", 
             raise TandemError(f"macs_target={macs_target!r} is outside the allowed range (0, 1]")
         sparsity = ratio if ratio is not None else 1 - macs_target
         out = model if inplace else copy.deepcopy(model)
-        apply_weight_masks(out, magnitude_masks(out, sparsity, scope or "layer"))
+        apply_weight_masks(out, crit.masks(out, sparsity, scope or crit.default_scope))
         return out
-    pruner = ChannelPruner(model, example_input, criterion, ratio=ratio, macs_target=macs_target, scope=scope,
-                           max_ratio=max_ratio, normalize=normalize, data=data, criterion_options=criterion_options,
-                           ignore=ignore, round_to=round_to)
+    pruner = ChannelPruner(model, example_input, crit, ratio=ratio, macs_target=macs_target, scope=scope,
+                           max_ratio=max_ratio, normalize=normalize, data=data, ignore=ignore, round_to=round_to)
     return pruner.apply(pruner.plan(), inplace=inplace)

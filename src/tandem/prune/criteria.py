@@ -7,16 +7,19 @@ linear layer): selection then leaves that group whole.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import TandemError
+from ..modes import eval_mode
 from ..registry import Registry
 from .groups import ChannelGraph, Group
+from .masks import magnitude_masks
 
-CRITERIA = Registry("pruning criterion")   # name -> Criterion class (structured, per channel)
+CRITERIA = Registry("pruning criterion")   # name -> Criterion class
 
 
 def register_criterion(name: str):
@@ -28,22 +31,57 @@ def register_criterion(name: str):
 
 
 def list_criteria() -> list[str]:
-    """Structured (channel) criteria, then 'magnitude' (unstructured, per weight)."""
-    return CRITERIA.names() + ["magnitude"]
+    """Structured (channel) criteria, then unstructured (per weight) ones."""
+    return sorted(CRITERIA.names(), key=lambda n: not CRITERIA.get(n).structured)
+
+
+def criterion_class(name: str) -> type["Criterion"]:
+    """The class registered under ``name``: what the rest of tandem asks a criterion about."""
+    if name not in CRITERIA:
+        raise TandemError(f"unknown pruning criterion {name!r}; allowed: {', '.join(list_criteria())}")
+    return CRITERIA.get(name)
 
 
 def get_criterion(name: str, **options) -> "Criterion":
-    if name not in CRITERIA:
-        raise TandemError(f"unknown pruning criterion {name!r}; allowed: {', '.join(list_criteria())}")
-    return CRITERIA.get(name)(**options)
+    cls = criterion_class(name)
+    cls.check_options(options)
+    return cls(**options)
 
 
 class Criterion:
     """Base: ``prepare`` sees the model once (data-driven criteria collect statistics there),
-    ``score(graph, group)`` returns a tensor of ``group.size`` scores or None."""
+    ``score(graph, group)`` returns a tensor of ``group.size`` scores or None.
+
+    The class attributes are what the rest of tandem asks, so a new criterion is one class:
+    ``needs_data`` (the recipe path gives ``prepare`` real training batches; a ``batches`` option,
+    if the criterion takes one, is how many), ``structured`` (False: it masks single weights,
+    ``masks()``, and the model keeps its shape), ``default_scope`` (the ranking scope when none
+    is given), ``normalize`` (how global ranking makes scores of different layers comparable),
+    ``soft`` (its paper prunes softly, zeroing and regrowing while training: the grid keeps that
+    schedule for it). Its options are its constructor's keyword arguments (``options()``)."""
     name = "?"
     needs_data = False
-    normalize = "mean"   # how global ranking makes scores of different layers comparable
+    structured = True
+    default_scope = "layer"
+    normalize = "mean"
+    soft = False
+
+    @classmethod
+    def options(cls) -> dict:
+        """{option: default} of the constructor (recipes pass them as ``prune.criterion_options``)."""
+        return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"}
+
+    @classmethod
+    def check_options(cls, given: dict) -> None:
+        """A TandemError naming an option the criterion does not take, or a value of the wrong type."""
+        allowed = cls.options()
+        for key, value in given.items():
+            if key not in allowed:
+                raise TandemError(f"{cls.name} takes no option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+            default = allowed[key]
+            if default not in (None, inspect.Parameter.empty) and not _same_kind(value, default):
+                raise TandemError(f"{cls.name}: option {key} = {value!r} must be of type {type(default).__name__}")
 
     def prepare(self, graph: ChannelGraph, batches: Iterable[torch.Tensor] = ()) -> None:
         pass
@@ -60,6 +98,19 @@ class Criterion:
     def filter_scores(self, filters: torch.Tensor) -> torch.Tensor:   # (n, k) -> (n,)
         raise NotImplementedError
 
+    def masks(self, model: nn.Module, sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+        """Unstructured criteria only: {weight name: bool mask of the weights kept}."""
+        raise NotImplementedError
+
+
+def _same_kind(value, default) -> bool:
+    """bool is not a number here; an int is a float."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
 
 @register_criterion("l1")
 class L1(Criterion):
@@ -71,6 +122,8 @@ class L1(Criterion):
 @register_criterion("l2")
 class L2(Criterion):
     """The L2 norm of each filter (SFP's criterion)."""
+    soft = True
+
     def filter_scores(self, filters):
         return filters.norm(dim=1)
 
@@ -79,6 +132,8 @@ class L2(Criterion):
 class FPGM(Criterion):
     """He et al. 2019: S_i = sum_j ||F_i - F_j||_2 over the layer's filters; the smallest are
     nearest the geometric median, so they are the most replaceable."""
+    soft = True
+
     def filter_scores(self, filters):
         return torch.cdist(filters[None], filters[None])[0].sum(1)
 
@@ -88,8 +143,10 @@ class BNScale(Criterion):
     """Network slimming (Liu et al. 2017): |gamma| of the BN after each channel; trained with an
     L1 penalty on gamma (schedules.SlimmingPenalty) and ranked globally on raw values. A channel
     with several BNs (a residual stream) scores their mean |gamma|, so it ranks on the same scale
-    as a channel with one (a sum would make residual streams unprunable)."""
+    as a channel with one (a sum would make residual streams unprunable). Ranked globally by
+    default, as network slimming ranks all BN scales together."""
     normalize = "none"
+    default_scope = "global"
 
     def score(self, graph, group):
         bns = group.of_kind("bn")
@@ -148,10 +205,8 @@ class HRank(Criterion):
 
         handles = [graph.module(n).register_forward_hook(hook(n)) for n in names]
         model, seen = graph.model, 0
-        modes = [(m, m.training) for m in model.modules()]
         try:
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 for x in batches:
                     if seen >= self.batches:
                         break
@@ -160,8 +215,6 @@ class HRank(Criterion):
         finally:
             for h in handles:
                 h.remove()
-            for m, training in modes:
-                m.training = training
         if seen == 0:
             raise TandemError("the hrank criterion needs input batches to measure feature-map ranks")
         self.ranks = {n: sums[n] / counts[n] for n in sums}
@@ -186,3 +239,13 @@ class Random(Criterion):
 
     def score(self, graph, group):
         return torch.rand(group.size, generator=self.generator)
+
+
+@register_criterion("magnitude")
+class Magnitude(Criterion):
+    """Han et al. 2015, unstructured: the smallest |w| of every conv and linear become zero; the
+    model keeps its shape (cost.profile's nonzero_macs reports the saving)."""
+    structured = False
+
+    def masks(self, model, sparsity, scope):
+        return magnitude_masks(model, sparsity, scope)

@@ -37,25 +37,12 @@ import torch.nn as nn
 
 from ..engine.checkpoint import record_transform, register_transform
 from ..errors import TandemError
+from ..ste import approx_sign, threshold_ste  # noqa: F401  (threshold_ste: also tandem.prune.gates')
 from .groups import ChannelGraph, Group
 from .select import Removed
 from .surgery import apply_removal
 
 ATTR = "channel_gates"
-
-
-def approx_sign(m: torch.Tensor) -> torch.Tensor:
-    """sign(m) forward (+1 for m > 0, else -1), the ApproxSign polynomial's gradient backward."""
-    surrogate = torch.where(m < -1, -torch.ones_like(m),
-                            torch.where(m < 0, m * m + 2 * m, torch.where(m < 1, -m * m + 2 * m, torch.ones_like(m))))
-    hard = torch.where(m > 0, 1.0, -1.0).to(m.dtype)
-    return hard - surrogate.detach() + surrogate
-
-
-def threshold_ste(score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """1[score > threshold] forward, the gradient of sigmoid(score - threshold) backward (SBS's gates)."""
-    soft = torch.sigmoid(score - threshold)
-    return (score > threshold).to(soft.dtype) - soft.detach() + soft
 
 
 class Gate(nn.Module):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import TandemError
+from ..modes import eval_mode
+from ..quant.layers import float_path
 
 
 @dataclass(frozen=True)
@@ -135,15 +137,8 @@ class ChannelGraph:
                               f"({type(exc).__name__}: {reason}); data-dependent control flow (if/for on tensor "
                               f"values) cannot be traced: rewrite it with tensor ops, or compress without "
                               f"channel pruning (method quantize)") from None
-        from ..quant.layers import float_path   # (here: the quant package imports this one)
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
-            with torch.no_grad(), float_path(model):   # shapes only
-                ShapeProp(gm).propagate(example_input)
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(model), torch.no_grad(), float_path(model):   # shapes only
+            ShapeProp(gm).propagate(example_input)
         self._modules = dict(model.named_modules())
         self._sizes: list[int] = []
         self._parent: list[int] = []

@@ -1,26 +1,25 @@
 """The recipe's ``prune:`` section (validated with the rest of the recipe)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..errors import one_of
+from ..errors import TandemError, one_of
+from ..fields import Fraction
+from .criteria import criterion_class, get_criterion, list_criteria
 
-
-def default_scope(criterion: str) -> str:
-    """The ranking scope when none is given: global for bn_scale (network slimming ranks all BN
-    scales together), per layer for the others."""
-    return "global" if criterion == "bn_scale" else "layer"
+Ratio = Fraction("[0, 1)", "ratio is the fraction of channels removed")
+MacsTarget = Fraction("(0, 1]", "macs_target is the fraction of MACs that remain")
 
 
 class PruneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     criterion: str = "l1"
-    ratio: Optional[float] = None           # fraction of channels removed, in [0, 1)
-    macs_target: Optional[float] = None     # fraction of MACs that remain, in (0, 1]
-    scope: Optional[Literal["layer", "global"]] = None        # None: global for bn_scale, else layer
+    ratio: Optional[Ratio] = None
+    macs_target: Optional[MacsTarget] = None
+    scope: Optional[Literal["layer", "global"]] = None        # None: the criterion's default_scope
     schedule: Literal["one_shot", "iterative", "soft"] = "one_shot"
     max_ratio: float = Field(0.9, ge=0, lt=1)                 # at most this fraction of a layer goes
     normalize: Literal["auto", "mean", "max", "none"] = "auto"
@@ -30,28 +29,24 @@ class PruneSpec(BaseModel):
     soft_epochs: int = Field(5, ge=1)                          # soft: epochs of zero-and-regrow
     sparsity_epochs: int = Field(0, ge=0)                      # slimming: epochs with the BN-L1 penalty first
     slimming_penalty: float = Field(1e-4, ge=0)                # lambda of the BN-L1 penalty
-    hrank_batches: int = Field(6, ge=1)
+    hrank_batches: int = Field(6, ge=1)     # training batches a data-driven criterion sees
+    criterion_options: dict[str, Any] = Field(default_factory=dict)   # the criterion's own options
     finetune_epochs: Optional[int] = Field(None, ge=0)         # None: train.epochs
     finetune_lr: Optional[float] = Field(None, gt=0)           # None: train.lr
 
     @field_validator("criterion")
     @classmethod
     def _known(cls, v: str) -> str:
-        from .criteria import list_criteria
         return one_of(v, list_criteria(), "pruning criterion")
 
-    @field_validator("ratio")
+    @field_validator("criterion_options")
     @classmethod
-    def _ratio(cls, v):
-        if v is not None and not 0 <= v < 1:
-            raise ValueError("ratio is the fraction of channels removed; allowed range [0, 1)")
-        return v
-
-    @field_validator("macs_target")
-    @classmethod
-    def _macs(cls, v):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError("macs_target is the fraction of MACs that remain; allowed range (0, 1]")
+    def _options(cls, v: dict, info: ValidationInfo) -> dict:
+        if "criterion" in info.data:   # else the criterion's own error is the one reported
+            try:
+                get_criterion(info.data["criterion"], **v)   # the options, and the values it refuses
+            except TandemError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     @model_validator(mode="after")
@@ -60,12 +55,27 @@ class PruneSpec(BaseModel):
             raise ValueError("give ratio or macs_target, not both")
         if self.ratio is not None and self.ratio > self.max_ratio:
             raise ValueError(f"ratio {self.ratio} exceeds max_ratio {self.max_ratio}")
-        if self.criterion == "magnitude" and self.schedule == "soft":
-            raise ValueError("magnitude pruning has no soft schedule; use one_shot or iterative")
-        if self.criterion == "magnitude" and self.round_to != 1:
-            raise ValueError("round_to rounds channel counts; magnitude pruning keeps every channel, "
-                             "so it would have no effect")
+        if not criterion_class(self.criterion).structured:
+            if self.schedule == "soft":
+                raise ValueError(f"{self.criterion} pruning has no soft schedule; use one_shot or iterative")
+            if self.round_to != 1:
+                raise ValueError(f"round_to rounds channel counts; {self.criterion} pruning keeps every channel, "
+                                 "so it would have no effect")
         return self
+
+    def options_for_criterion(self) -> dict:
+        """criterion_options, with ``batches`` from hrank_batches for a data-driven criterion that
+        takes that option and was not given it (so ``prune.hrank_batches`` works as it always did)."""
+        cls = criterion_class(self.criterion)
+        if cls.needs_data and "batches" in cls.options():
+            return {"batches": self.hrank_batches, **self.criterion_options}
+        return dict(self.criterion_options)
+
+    def data_batches(self) -> int:
+        """How many training batches the criterion's ``prepare`` is given (0: it needs none)."""
+        if not criterion_class(self.criterion).needs_data:
+            return 0
+        return self.options_for_criterion().get("batches", self.hrank_batches)
 
     def target(self) -> dict:
         """ratio / macs_target as given; neither: half the MACs remain."""

@@ -7,12 +7,13 @@
 """
 from .kmeans import KMeansWeight, kmeans_1d
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
-from .policy import QUANTIZERS, LayerOverride, QuantSpec, list_quantizers, make_spec
+from .policy import LayerOverride, QuantSpec, make_spec
+from .registry import QUANTIZERS, QuantMethod, list_quantizers, register_quantizer
 from .quantize import calibrate, layer_plan, quantize_, quantizers_of
 from .quantizers import (ActQuantizer, DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct,
-                         PACTAct, PICPQWeight, WeightQuantizer, grad_scale, round_ste)
+                         PACTAct, PercentileAct, PICPQWeight, WeightQuantizer, grad_scale, round_ste)
 
 __all__ = ["quantize_", "calibrate", "layer_plan", "quantizers_of", "QuantSpec", "LayerOverride", "make_spec",
-           "list_quantizers", "QUANTIZERS", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "DoReFaWeight",
+           "list_quantizers", "QUANTIZERS", "QuantMethod", "register_quantizer", "PercentileAct", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "DoReFaWeight",
            "PICPQWeight", "LSQWeight", "MinMaxWeight", "KMeansWeight", "DoReFaAct", "PACTAct", "LSQAct",
            "ObserverAct", "ActQuantizer", "WeightQuantizer", "round_ste", "grad_scale", "kmeans_1d"]

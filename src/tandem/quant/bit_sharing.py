@@ -15,6 +15,10 @@ Q_b1(z) + s_1 + ... + s_j = Q_b(j+1)(z) exactly, so r_j = z - Q_bj(z) and
 s_j = Q_b(j+1)(z) - Q_bj(z): the search quantizers compute one rounding per candidate and one
 output at the chosen width, in one autograd node each (a search step costs 1.5x an LSQ step,
 benchmarks/sbs_step.py). `freeze_()` keeps the chosen width and drops the gates.
+
+The functions at the end are what a search on a whole model asks of these quantizers (which
+layers take part, their expected widths, the thresholds, freezing), so a method composes them
+without looking inside (methods/sbs.py).
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import TandemError
-from ..prune.gates import threshold_ste
-from .quantizers import PACTAct, WeightQuantizer, _grad_where_above, round_ste
+from ..ste import round_ste, threshold_ste
+from .layers import QUANT_LAYERS
+from .quantizers import PACTAct, WeightQuantizer, _grad_where_above
+from .registry import register_quantizer
 
 
 def check_candidates(bits) -> list[int]:
@@ -234,6 +240,7 @@ class _BitSharing:
 
 class SBSWeight(_BitSharing, WeightQuantizer):
     kind = "sbs"
+    zero_in_grid = False    # alpha (2 Q(z) - 1): odd multiples of alpha / (2^b - 1)
 
     def __init__(self, bits, per_channel=False, channels=1, clip_percentile: float | None = None,
                  restore_scale: bool = True):
@@ -246,6 +253,11 @@ class SBSWeight(_BitSharing, WeightQuantizer):
         self._init_sharing()
         self.kept_by = None   # callables giving the kept entries along an axis (SBS's channel gates)
         self.set_flags(calibrated=True)
+
+    @classmethod
+    def from_spec(cls, bits, layer, spec):
+        return cls(bits, spec.per_channel, layer.weight.shape[0], clip_percentile=spec.clip_percentile(),
+                   restore_scale=spec.sbs_weight_scale == "restored")
 
     @torch.no_grad()
     def calibrate_weight(self, w):
@@ -320,6 +332,10 @@ class SBSAct(_BitSharing, PACTAct):
         super().__init__(bits, signed, alpha=1.0, clip_percentile=clip_percentile)
         self._init_sharing()
 
+    @classmethod
+    def from_spec(cls, bits, spec):
+        return cls(bits, spec.signed_inputs, clip_percentile=spec.clip_percentile())
+
     def start_search(self, bits, from_running: bool = False) -> None:
         if self.signed:
             raise TandemError("bit sharing quantizes unsigned inputs (after a ReLU); this layer's input is "
@@ -361,3 +377,67 @@ def search_(model: nn.Module, bits, input_bits: str = "running") -> list:
     if not out:
         raise TandemError("search_: the model has no sbs quantizers; quantize_ it with method='sbs' first")
     return out
+
+
+def float_or_sbs_weights(layers) -> bool:
+    """Whether `layers` are all float or all quantized by sbs weight quantizers (the layers whose
+    channels a search may gate: a fixed-width min-max grid would move with the channels)."""
+    quantized = [getattr(layer, "weight_quantizer", None) for layer in layers]
+    return all(q is None for q in quantized) or all(isinstance(q, SBSWeight) for q in quantized)
+
+
+def standardise_over_kept(layer: nn.Module, kept) -> None:
+    """The layer's sbs weight quantizer standardises over the entries `kept` keeps (`kept.dim`:
+    the axis, `kept()`: a boolean vector along it), so the gated layer computes what the compact
+    one will; a layer without one is left alone."""
+    wq = getattr(layer, "weight_quantizer", None)
+    if isinstance(wq, SBSWeight):
+        wq.kept_by = [*(wq.kept_by or []), kept]
+
+
+def forget_kept_(model: nn.Module) -> None:
+    """Every sbs weight quantizer standardises over all its weights again (the channels the masks
+    closed are about to be removed)."""
+    for m in model.modules():
+        if isinstance(m, SBSWeight):
+            m.kept_by = None
+
+
+def layer_expected_bits(layer: nn.Module) -> tuple:
+    """(weight bits, input bits) of a conv/linear layer: a bit-sharing quantizer's expected width
+    (with its gates' straight-through gradient), else the layer's fixed width (32: float)."""
+    wq, aq = getattr(layer, "weight_quantizer", None), getattr(layer, "input_quantizer", None)
+    wb = wq.expected_bits() if isinstance(wq, SBSWeight) else float(getattr(layer, "w_bits", 32))
+    ab = aq.expected_bits() if isinstance(aq, SBSAct) else float(getattr(layer, "a_bits", 32))
+    return wb, ab
+
+
+def weight_and_input_quantizers(quantizers) -> tuple[list, list]:
+    """`search_`'s quantizers split into the weights' and the inputs' (their thresholds learn on
+    alternate steps)."""
+    return ([q for q in quantizers if isinstance(q, SBSWeight)],
+            [q for q in quantizers if isinstance(q, SBSAct)])
+
+
+def freeze_chosen_bits_(model: nn.Module) -> dict[str, dict]:
+    """Search over: each bit-sharing quantizer keeps the width its hard gates chose, and its
+    layer's `w_bits` / `a_bits` say so. Returns {layer: {"w_bits", "a_bits"}} for every quantized
+    layer (what the quantize_ record needs to rebuild it: quantize.record_layer_bits)."""
+    chosen = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QUANT_LAYERS):
+            continue
+        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        if isinstance(wq, SBSWeight) and wq.candidates is not None:
+            wq.freeze_(wq.selected(layer.weight))
+            layer.w_bits = wq.bits
+        if isinstance(aq, SBSAct) and aq.candidates is not None:
+            aq.freeze_(aq.selected())
+            layer.a_bits = aq.bits
+        chosen[name] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
+    return chosen
+
+
+register_quantizer("sbs", weight=SBSWeight, act=SBSAct, deploy_layout=False,
+                   description="SBS's quantizer: standardised weights and inputs clipped at a learnable alpha "
+                               "(bit sharing over candidate widths: tandem.quant.bit_sharing)")

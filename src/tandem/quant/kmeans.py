@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import TandemError
-from .quantizers import WeightQuantizer
+from .quantizers import ObserverAct, WeightQuantizer
+from .registry import register_quantizer
 
 
 @torch.no_grad()
@@ -40,6 +41,8 @@ class KMeansWeight(WeightQuantizer):
     calibration; `centroids` (2^b values, per tensor) is the learnable parameter."""
 
     kind = "kmeans"
+    integer_grid = False    # the codebook's values are floats: export keeps the exact weights in float
+    frozen_weight = True    # only the centroids learn
 
     def __init__(self, bits, per_channel=False, channels=1, shape=(1,), iters: int = 30):
         super().__init__(bits, per_channel, channels)
@@ -50,6 +53,10 @@ class KMeansWeight(WeightQuantizer):
         self.iters = iters
         self.centroids = nn.Parameter(torch.zeros(2 ** self.bits))
         self.register_buffer("index", torch.zeros(tuple(shape), dtype=torch.uint8))
+
+    @classmethod
+    def from_spec(cls, bits, layer, spec):
+        return cls(bits, spec.per_channel, layer.weight.shape[0], shape=layer.weight.shape, iters=spec.kmeans_iters)
 
     @torch.no_grad()
     def calibrate_weight(self, w):
@@ -87,3 +94,7 @@ class KMeansWeight(WeightQuantizer):
     def decode(self, codes, table, nonzero=None):
         shared = table[codes]
         return shared if nonzero is None else torch.where(nonzero == 0, torch.zeros_like(shared), shared)
+
+
+register_quantizer("kmeans", weight=KMeansWeight, act=ObserverAct,
+                   description="Deep Compression weight sharing: 2^b k-means centroids; min-max activations")

@@ -14,33 +14,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError, one_of
-from ..registry import Registry
-from .bit_sharing import SBSAct, SBSWeight
-from .kmeans import KMeansWeight
-from .quantizers import (DoReFaAct, DoReFaWeight, LSQAct, LSQWeight, MinMaxWeight, ObserverAct, PACTAct,
-                         PICPQWeight)
+from . import bit_sharing, kmeans, quantizers  # noqa: F401  (they register the built-in quantizers)
+from .registry import QUANTIZERS, list_quantizers  # noqa: F401
 
 PACT_ALPHA = 10.0   # the PACT paper's alpha initialisation
-
-# method -> (weight quantizer class, input quantizer factory, what it is)
-QUANTIZERS = Registry("quantizer")
-for _name, _entry in {
-    "dorefa": (DoReFaWeight, DoReFaAct, "DoReFa-Net weights (tanh) and clipped [0,1] activations, STE"),
-    "dorefa_picpq": (PICPQWeight, DoReFaAct, "PIC-PQ's DoReFa variant: symmetric 2^k-1-level weight grid"),
-    "pact": (DoReFaWeight, PACTAct, "PACT: learnable activation clip alpha; DoReFa weights"),
-    "lsq": (LSQWeight, LSQAct, "LSQ: learnable step sizes with gradient scaling"),
-    "minmax": (MinMaxWeight, ObserverAct, "min-max ranges (PTQ): max|w| weights, observed activation range"),
-    "percentile": (MinMaxWeight, "percentile", "min-max weights, activations clipped at a percentile (PTQ)"),
-    "kmeans": (KMeansWeight, ObserverAct, "Deep Compression weight sharing: 2^b k-means centroids; "
-                                          "min-max activations"),
-    "sbs": (SBSWeight, SBSAct, "SBS's quantizer: standardised weights and inputs clipped at a learnable alpha "
-                               "(bit sharing over candidate widths: tandem.quant.bit_sharing)"),
-}.items():
-    QUANTIZERS.register(_name, _entry)
-
-
-def list_quantizers() -> list[str]:
-    return QUANTIZERS.names()
 
 
 def _check_bits(v: int, what: str) -> int:
@@ -92,11 +69,19 @@ class QuantSpec(BaseModel):
     # 'deploy' (each tensor once where it is made, Add inputs included: what an int8 runtime fuses;
     # tandem/quant/deploy.py)
     layout: Literal["inputs", "deploy"] = "inputs"
-    # for recipes (method `quantize`)
-    mode: Literal["qat", "ptq"] = "qat"
-    calib_batches: int = Field(4, ge=1)
-    epochs: Optional[int] = Field(None, ge=0)   # QAT epochs (None: train.epochs)
-    lr: Optional[float] = Field(None, gt=0)      # QAT learning rate (None: train.lr)
+    # options of `method` when it registered an options model (quant/registry.py); the built-in
+    # quantizers take theirs as the fields above
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def clip_percentile(self) -> float | None:
+        """act_init calibrated: the clips start at `percentile` of the calibration data; paper: at
+        the papers' constants (DoReFa 1, PACT pact_alpha, SBS 1)."""
+        return self.percentile if self.act_init == "calibrated" else None
+
+    def method_options(self):
+        """`options` validated by the options model `method` registered (None if it has none)."""
+        model = QUANTIZERS.get(self.method).options
+        return model.model_validate(self.options) if model is not None else None
 
     @field_validator("first_last", mode="before")
     @classmethod
@@ -111,10 +96,27 @@ class QuantSpec(BaseModel):
 
     @model_validator(mode="after")
     def _layout_quantizer(self):
-        if self.layout == "deploy" and "sbs" in {self.method, self.first_last_method,
-                                                  *(o.method for o in self.overrides.values())}:
-            raise ValueError("layout 'deploy' does not apply to sbs (its quantizers share bits between candidate "
-                             "widths per layer input); use layout: inputs")
+        if self.layout == "deploy":
+            for m in sorted({self.method, self.first_last_method, *(o.method for o in self.overrides.values())} - {None}):
+                if not QUANTIZERS.get(m).deploy_layout:
+                    raise ValueError(f"layout 'deploy' does not apply to {m} (its input quantizers stay with "
+                                     f"their layers); use layout: inputs")
+        return self
+
+    @model_validator(mode="after")
+    def _options(self):
+        model = QUANTIZERS.get(self.method).options
+        if model is None and self.options:
+            raise ValueError(f"quantizer {self.method!r} takes no options; got {sorted(self.options)}")
+        if model is not None:
+            try:
+                model.model_validate(self.options)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                allowed = ", ".join(model.model_fields)
+                raise ValueError(f"options.{key}: {err['msg'].removeprefix('Value error, ')} "
+                                 f"(options of {self.method!r}: {allowed})") from None
         return self
 
     @model_validator(mode="after")
@@ -127,8 +129,8 @@ class QuantSpec(BaseModel):
 
 def make_spec(policy: Any = None, **kwargs) -> QuantSpec:
     """A QuantSpec from a QuantSpec, a dict, or keyword arguments; errors as RecipeError."""
-    if isinstance(policy, QuantSpec):
-        data = {**policy.model_dump(), **kwargs}
+    if isinstance(policy, QuantSpec):   # a recipe's quant section too: its run fields are not the policy's
+        data = {**policy.model_dump(include=set(QuantSpec.model_fields)), **kwargs}
     elif isinstance(policy, dict):
         data = {**policy, **kwargs}
     elif policy is None:

@@ -14,10 +14,11 @@ import torch.nn as nn
 
 from ..engine.checkpoint import record_transform, register_transform
 from ..errors import RecipeError, TandemError
+from ..modes import eval_mode
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
-from .policy import QUANTIZERS, QuantSpec, make_spec
-from .bit_sharing import SBSAct, SBSWeight
-from .quantizers import ActQuantizer, DoReFaAct, ObserverAct, PACTAct, WeightQuantizer
+from .policy import QuantSpec, make_spec
+from .registry import QUANTIZERS
+from .quantizers import ActQuantizer, WeightQuantizer
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -26,36 +27,12 @@ def _match(name: str, patterns) -> list[str]:
     return [p for p in patterns if fnmatch.fnmatchcase(name, p)]
 
 
-def _make_weight_quantizer(method, bits, layer, spec: QuantSpec):
-    if bits >= 32:
-        return None
-    cls = QUANTIZERS.get(method)[0]
-    channels = layer.weight.shape[0]
-    if method == "kmeans":
-        return cls(bits, spec.per_channel, channels, shape=layer.weight.shape, iters=spec.kmeans_iters)
-    if cls is SBSWeight:
-        return cls(bits, spec.per_channel, channels, clip_percentile=_clip_percentile(spec),
-                   restore_scale=spec.sbs_weight_scale == "restored")
-    return cls(bits, spec.per_channel, channels)
+def _make_weight_quantizer(method, bits, layer, spec: QuantSpec) -> WeightQuantizer | None:
+    return None if bits >= 32 else QUANTIZERS.get(method).weight.from_spec(bits, layer, spec)
 
 
-def _clip_percentile(spec: QuantSpec) -> float | None:
-    """act_init calibrated: the clips start at `percentile` of the calibration data; paper: at
-    the papers' constants (DoReFa 1, PACT pact_alpha, SBS 1)."""
-    return spec.percentile if spec.act_init == "calibrated" else None
-
-
-def _make_input_quantizer(method, bits, spec: QuantSpec):
-    if bits >= 32:
-        return None
-    factory = QUANTIZERS.get(method)[1]
-    if factory == "percentile":
-        return ObserverAct(bits, spec.signed_inputs, percentile=spec.percentile)
-    if factory is PACTAct:
-        return PACTAct(bits, spec.signed_inputs, alpha=spec.pact_alpha, clip_percentile=_clip_percentile(spec))
-    if factory in (DoReFaAct, SBSAct):
-        return factory(bits, spec.signed_inputs, clip_percentile=_clip_percentile(spec))
-    return factory(bits, spec.signed_inputs)
+def _make_input_quantizer(method, bits, spec: QuantSpec) -> ActQuantizer | None:
+    return None if bits >= 32 else QUANTIZERS.get(method).act.from_spec(bits, spec)
 
 
 def layer_plan(model: nn.Module, spec: QuantSpec) -> dict[str, tuple[str, int, int] | None]:
@@ -104,8 +81,8 @@ def _swap(model: nn.Module, spec: QuantSpec) -> nn.Module:
             wq.to(layer.weight.device)
         if aq is not None:
             aq.to(layer.weight.device)
-        if method == "kmeans" and wq is not None:
-            layer.weight.requires_grad_(False)   # only the shared centroids learn
+        if wq is not None and wq.frozen_weight:
+            layer.weight.requires_grad_(False)   # e.g. k-means: only the shared centroids learn
         if name:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -128,6 +105,14 @@ def quantize_(model: nn.Module, policy: QuantSpec | dict | None = None, **kwargs
     return model
 
 
+def record_layer_bits(model: nn.Module, bits: dict[str, dict]) -> None:
+    """Per-layer widths chosen after `quantize_` ({layer: {"w_bits", "a_bits"}}, e.g. by a bit
+    search) added to the overrides of its record, so a saved file rebuilds them."""
+    for record in getattr(model, "tandem_transforms", []):
+        if record.get("kind") == "quantize":
+            record["policy"]["overrides"] = {**record["policy"].get("overrides", {}), **bits}
+
+
 def _deploy_quantizer(bits: int, like, spec: QuantSpec) -> ActQuantizer:
     """A tensor's quantizer in the deploy layout: of the same kind as a reader's (`like`), else
     of the policy's method; on the model's device at its first calibration."""
@@ -139,9 +124,13 @@ def _deploy_quantizer(bits: int, like, spec: QuantSpec) -> ActQuantizer:
     return _make_input_quantizer(spec.method, bits, spec)
 
 
+RUN_FIELDS = ("mode", "calib_batches", "epochs", "lr")   # in the policy of files written before they moved
+
+
 @register_transform("quantize")
 def _rebuild(model: nn.Module, record: dict) -> nn.Module:
-    return quantize_(model, make_spec(record["policy"]))
+    policy = {k: v for k, v in record["policy"].items() if k not in RUN_FIELDS}
+    return quantize_(model, make_spec(policy))
 
 
 def quantizers_of(model: nn.Module):
@@ -174,17 +163,15 @@ def calibrate(model: nn.Module, batches, num_batches: int | None = None) -> nn.M
         for a in acts:
             a.observing = True
             a.reset_stats()
-        was_training = model.training
-        model.eval()
         seen = 0
         try:
-            for x in _inputs(batches, num_batches, next(model.parameters()).device):
-                model(x)
-                seen += 1
+            with eval_mode(model):
+                for x in _inputs(batches, num_batches, next(model.parameters()).device):
+                    model(x)
+                    seen += 1
         finally:
             for a in acts:
                 a.observing = False
-            model.train(was_training)
         if seen == 0:
             raise TandemError("calibrate: no batches were given")
         for a in acts:
@@ -208,27 +195,21 @@ def reestimate_bn(model: nn.Module, batches, num_batches, *, float_activations: 
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     if not bns:
         return
-    was_training = model.training
     saved, observing = [(bn, bn.momentum) for bn in bns], [(a, a.observing) for a in acts]
-    model.eval()
-    for a in acts:
-        a.observing = float_activations
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        for x in _inputs(batches, num_batches, next(model.parameters()).device):
-            model(x)
-    finally:
-        for bn, momentum in saved:
-            bn.momentum = momentum
-        for a, was_observing in observing:
-            a.observing = was_observing
-            if float_activations:
-                a.reset_stats()   # the ranges seen here were only a means to the statistics
-        model.train(was_training)
-
-
-def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
-    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+    with eval_mode(model):
+        for a in acts:
+            a.observing = float_activations
+        try:
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            for x in _inputs(batches, num_batches, next(model.parameters()).device):
+                model(x)
+        finally:
+            for bn, momentum in saved:
+                bn.momentum = momentum
+            for a, was_observing in observing:
+                a.observing = was_observing
+                if float_activations:
+                    a.reset_stats()   # the ranges seen here were only a means to the statistics

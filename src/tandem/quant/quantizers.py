@@ -8,6 +8,9 @@ and bit-packing use only that. Activation quantizers give `qparams()` for the sa
 Data-dependent initialisation (LSQ steps, observer ranges, k-means) is not done here at
 construction but by `tandem.quant.calibrate`, so a model rebuilt from a file needs no data.
 No forward pass loops over channels or reads a GPU tensor on the host.
+
+Each class builds itself from the policy (`from_spec`) and carries the flags the rest of tandem
+asks about; the names a recipe gives are registered at the end of this file (quant/registry.py).
 """
 from __future__ import annotations
 
@@ -17,20 +20,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import TandemError
+from ..ste import grad_scale, round_ste
+from .registry import register_quantizer
 
 
-# ---- straight-through building blocks ----------------------------------------------------
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward (bit-exact), identity backward."""
-    return x.round().detach() + (x - x.detach())
-
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x forward (bit-exact), gradient multiplied by g backward (LSQ's step-size gradient scale)."""
-    y = x * g
-    return x.detach() + (y - y.detach())
-
-
+# ---- straight-through building blocks (round_ste, grad_scale: tandem/ste.py) ----------------
 def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-output-channel vector shaped to broadcast over a weight (C_out, ...)."""
     return t.reshape(-1, *([1] * (like.dim() - 1))) if t.dim() == 1 else t
@@ -82,11 +76,19 @@ class WeightQuantizer(Quantizer):
     # True when the quantized weight is on another scale than the float one (DoReFa's [-1, 1]):
     # the BatchNorm statistics of a pretrained network then no longer fit (calibrate re-estimates them)
     rescales = False
+    zero_in_grid = True     # 0 is a grid value: weights pruned to 0 stay 0 (pqkd, methods.md §2.3)
+    integer_grid = True     # `affine` is an integer grid: ONNX export writes int8 weights (else float)
+    frozen_weight = False   # True: the float weight stops learning once quantized (k-means: the codebook learns)
 
     def __init__(self, bits: int, per_channel: bool = False, channels: int = 1):
         super().__init__(bits)
         self.per_channel = per_channel
         self.channels = channels
+
+    @classmethod
+    def from_spec(cls, bits: int, layer: nn.Module, spec) -> "WeightQuantizer":
+        """The quantizer of `layer`'s weight at `bits` under the policy `spec` (a QuantSpec)."""
+        return cls(bits, spec.per_channel, layer.weight.shape[0])
 
     def calibrate_weight(self, w: torch.Tensor) -> None:
         """Initialise from the weights (data-free); the default needs nothing."""
@@ -140,6 +142,7 @@ class DoReFaWeight(WeightQuantizer):
 
     kind = "dorefa"
     rescales = True
+    zero_in_grid = False    # 2^k levels symmetric about 0: 0 is not one of them
 
     def _normalised(self, w):
         t = torch.tanh(w)
@@ -196,6 +199,7 @@ class PICPQWeight(DoReFaWeight):
     (DoReFa's binary form, inherited)."""
 
     kind = "dorefa_picpq"
+    zero_in_grid = True
 
     def forward(self, w):
         if self.bits >= 32 or self.bits == 1:
@@ -315,6 +319,11 @@ class ActQuantizer(Quantizer):
         self.register_buffer("pct_clip", torch.zeros(()), persistent=False)
         self.register_buffer("pct_clip_n", torch.zeros(()), persistent=False)
 
+    @classmethod
+    def from_spec(cls, bits: int, spec) -> "ActQuantizer":
+        """The quantizer of a layer's input at `bits` under the policy `spec` (a QuantSpec)."""
+        return cls(bits, spec.signed_inputs)
+
     @torch.no_grad()
     def reset_stats(self) -> None:
         for name, buf in self.named_buffers(recurse=False):
@@ -429,6 +438,10 @@ class DoReFaAct(ActQuantizer):
         super().__init__(bits, signed, clip_percentile)
         self.register_buffer("clip", torch.tensor(1.0))   # fixed (not learned); saved with the model
 
+    @classmethod
+    def from_spec(cls, bits, spec):
+        return cls(bits, spec.signed_inputs, clip_percentile=spec.clip_percentile())
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "clip", torch.tensor(1.0))   # files written before the clip was saved: 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -467,6 +480,10 @@ class PACTAct(ActQuantizer):
     def __init__(self, bits, signed="auto", alpha: float = 10.0, clip_percentile: float | None = None):
         super().__init__(bits, signed, clip_percentile)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    @classmethod
+    def from_spec(cls, bits, spec):
+        return cls(bits, spec.signed_inputs, alpha=spec.pact_alpha, clip_percentile=spec.clip_percentile())
 
     def _n(self):
         return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
@@ -609,3 +626,24 @@ class ObserverAct(ActQuantizer):
 
     def qparams(self):
         return (float(self.scale), int(self.zero_point), 0, 2 ** self.bits - 1)
+
+
+class PercentileAct(ObserverAct):
+    """ObserverAct whose range is clipped at the policy's `percentile` of the calibration inputs."""
+
+    @classmethod
+    def from_spec(cls, bits, spec):
+        return cls(bits, spec.signed_inputs, percentile=spec.percentile)
+
+
+register_quantizer("dorefa", weight=DoReFaWeight, act=DoReFaAct,
+                   description="DoReFa-Net weights (tanh) and clipped [0,1] activations, STE")
+register_quantizer("dorefa_picpq", weight=PICPQWeight, act=DoReFaAct,
+                   description="PIC-PQ's DoReFa variant: symmetric 2^k-1-level weight grid")
+register_quantizer("pact", weight=DoReFaWeight, act=PACTAct,
+                   description="PACT: learnable activation clip alpha; DoReFa weights")
+register_quantizer("lsq", weight=LSQWeight, act=LSQAct, description="LSQ: learnable step sizes with gradient scaling")
+register_quantizer("minmax", weight=MinMaxWeight, act=ObserverAct,
+                   description="min-max ranges (PTQ): max|w| weights, observed activation range")
+register_quantizer("percentile", weight=MinMaxWeight, act=PercentileAct,
+                   description="min-max weights, activations clipped at a percentile (PTQ)")

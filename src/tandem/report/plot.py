@@ -1,12 +1,16 @@
 """Test top-1 against BOPs and against MACs, one point per model, with the Pareto front.
 
 Colour and marker tell the method (the row name before the first '/'); the legend names every
-row, so no free text is drawn next to points (it overlapped as soon as points were close).
+row, so no free text is drawn next to points (it overlapped as soon as points were close). An
+arrow runs from each row's control (results.json `control`) to the row: its gain over the control
+at a glance.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+from ..files import atomic_write
 
 MARKERS = "osD^vP*Xph<>"
 FILLS = ("full", "none", "left", "bottom", "right", "top")   # rows of one method differ by fill
@@ -80,6 +84,18 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "",
             seen[m] = seen.get(m, 0) + 1
             ax.plot([r[key]], [r["top1"]], linestyle="none", marker=marker, markersize=8, color=colour,
                     fillstyle=fill, markeredgewidth=1.5, label=r["name"])
+        by_name, arrows = {r["name"]: r for r in shown}, False
+        for r in shown:
+            controls = r.get("control") or []
+            for c in [controls] if isinstance(controls, str) else controls:
+                if c in by_name:
+                    ax.annotate("", xy=(r[key], r["top1"]), xytext=(by_name[c][key], by_name[c]["top1"]),
+                                arrowprops=dict(arrowstyle="->", color=style[method_of(r["name"])][0], alpha=0.6,
+                                                shrinkA=5, shrinkB=5))
+                    arrows = True
+        if arrows:
+            ax.plot([], [], color="0.3", marker=r"$\rightarrow$", markersize=10, linestyle="none",
+                    label="arrow: from a row's control to it")
         if baseline is not None:
             ax.axhline(baseline["top1"], color="0.4", linestyle="--", linewidth=1, label="baseline top-1")
         ax.set_xscale("log")
@@ -109,8 +125,7 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path, title: str = "",
                    ncols=1 + len(handles) // 24)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)

@@ -9,17 +9,16 @@ import json
 import math
 from pathlib import Path
 
-from ..engine.checkpoint import atomic_write
+from ..files import atomic_write
 
 COLUMNS = [("name", "model", "{}"), ("top1", "test top-1 %", "{:.2f}"), ("val_top1", "val top-1 %", "{:.2f}"),
            ("params", "params (M)", "{:.4f}"), ("macs", "MACs (M)", "{:.3f}"), ("bops", "BOPs (G)", "{:.3f}"),
            ("bytes", "size (KiB)", "{:.1f}"), ("w_bits", "W bits", "{:g}"), ("a_bits", "A bits", "{:g}")]
-# shown only when some row has the key (e.g. unstructured pruning's nonzero MACs, pqkd's gains)
+# shown only when some row has the key (e.g. unstructured pruning's nonzero MACs, a control)
 OPTIONAL_COLUMNS = [("val_top1_bn_reestimated", "val top-1 %, BN re-estimated", "{:.2f}"),
                     ("nonzero_macs", "nonzero MACs (M)", "{:.3f}"),
+                    ("control", "top-1 gain over its control (pp)", "{}"),
                     ("gain_over_quantized", "top-1 gain over quantized (pp)", "{:+.2f}"),
-                    ("gain_over_no_kd", "top-1 gain over no-KD control (pp)", "{:+.2f}"),
-                    ("gain_over_independent", "top-1 gain over independent (pp)", "{:+.2f}"),
                     ("macs_reduction", "MACs reduction", "{:.1%}"),
                     ("params_reduction", "params reduction", "{:.1%}"),
                     ("bops_ratio", "BOPs ratio (x)", "{:.2f}"),
@@ -51,9 +50,10 @@ GLOSSARY = {
     "a_bits": "input-activation bits of the same layers, MAC-weighted mean likewise",
     "nonzero_macs": "MACs that multiply a nonzero weight (unstructured pruning zeroes weights "
                     "without shrinking layers)",
+    "control": "test top-1 minus that of the row the method is compared with in the same run (named in "
+               "brackets; results.json `control`): the same network, budget and epochs without the "
+               "method's idea, e.g. `independent/<peer>` for mutual learning, `pqkd/no-kd` for distillation",
     "gain_over_quantized": "test top-1 minus that of `pqkd/quantized`, the student before distillation",
-    "gain_over_no_kd": "test top-1 minus that of `pqkd/no-kd`, the same epochs with cross-entropy only",
-    "gain_over_independent": "test top-1 minus that of `independent/<peer>`, the same peer trained alone",
     "macs_reduction": "1 - MACs / MACs of the unpruned network the method pruned (e.g. PDD's student)",
     "params_reduction": "1 - params / params of the unpruned network the method pruned",
     "bops_ratio": "BOPs of the full-precision baseline / BOPs of this network (the compression ratio)",
@@ -88,7 +88,20 @@ def _clean(obj):
     return obj
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
+def control_gains(row: dict, by_name: dict) -> str:
+    """'+0.62 (independent/pruned)' for each of the row's controls found in the run."""
+    controls = row.get("control") or []
+    cells = []
+    for c in [controls] if isinstance(controls, str) else controls:
+        other = by_name.get(c)
+        if other is not None and row.get("top1") is not None and other.get("top1") is not None:
+            cells.append(f"{row['top1'] - other['top1']:+.2f} ({c})")
+    return "; ".join(cells) or "-"
+
+
+def _cell(row: dict, key: str, fmt: str, by_name: dict | None = None) -> str:
+    if key == "control":
+        return control_gains(row, by_name or {})
     value = row.get(key)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -102,8 +115,9 @@ def _columns(rows: list[dict]) -> list[tuple]:
 
 
 def add_gains(rows: list[dict]) -> list[dict]:
-    """`mutual/<peer>` rows get `gain_over_independent` (test top-1 points) when the run also
-    holds the control row `independent/<peer>` (mutual learning's claim is measured, not assumed)."""
+    """`mutual/<peer>` rows get `gain_over_independent` (test top-1 points) in results.json when
+    the run also holds the control row `independent/<peer>` (the report shows every row's gain
+    over its `control` in one column)."""
     by_name = {r["name"]: r for r in rows}
     for r in rows:
         if r.get("init"):   # a start, not a result: the two methods' starts are the same peers
@@ -118,7 +132,8 @@ def markdown_table(rows: list[dict]) -> str:
     columns = _columns(rows)
     head = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    by_name = {r["name"]: r for r in rows}
+    body = ["| " + " | ".join(_cell(r, k, f, by_name) for k, _, f in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
