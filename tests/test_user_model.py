@@ -196,3 +196,62 @@ def test_recipe_records_every_section_its_methods_read_and_refuses_the_rest(refu
     assert "sbs:\n  bits:\n  - 2\n  - 4\n  - 8\n" in text and "\nquant:" not in text
     refused(["method=baseline", "train.epochs=1"], [(["prune.finetune_epochs=1"], "prune: no method of this recipe "
                                                                                   "(baseline) reads it")])
+
+
+NET_SOURCE = '''
+import torch, torch.nn as nn, tandem
+from torch.utils.data import TensorDataset
+from sklearn.datasets import load_digits
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+def main(out):
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(digits.target)
+    tandem.compress(Net(), "quantize", train=TensorDataset(x[:1400], y[:1400]), test=TensorDataset(x[1400:], y[1400:]),
+                    schedule={"epochs": 1, "progress": False}, quant={"epochs": 1}, report={"latency": False}, out=out)
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1])
+'''
+
+
+def _python(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_files_written_from_a_script_say_how_to_reopen_them_and_take_factory(tmp_path):
+    """The README's snippet run as a script records its class as '__main__:Net': the run says so
+    in one line, and --factory reopens the files; run with `python -m` it records the module."""
+    (tmp_path / "myscript.py").write_text(NET_SOURCE)
+    done = _python(["myscript.py", "run1"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    warning = [ln for ln in done.stderr.splitlines() if "tandem: warning: Net is defined in the script" in ln]
+    assert len(warning) == 1 and "--factory MODULE:Net" in warning[0]
+    model_file = next((tmp_path / "run1" / "models").glob("lsq-*.safetensors"))
+    for command in ("profile", "eval", "export"):
+        failed = _python(["-m", "tandem.cli", command, str(model_file)], tmp_path)
+        assert failed.returncode != 0 and "'__main__:Net'" in failed.stderr, (command, failed.stderr[-500:])
+    ok = _python(["-m", "tandem.cli", "profile", str(model_file), "--factory", "myscript:Net"], tmp_path)
+    assert ok.returncode == 0 and "MACs" in ok.stdout, ok.stderr[-2000:]
+    for command in ("eval", "export"):   # the model rebuilds; compress's in-memory data is Python's to evaluate
+        later = _python(["-m", "tandem.cli", command, str(model_file), "--factory", "myscript:Net"], tmp_path)
+        assert "__main__" not in later.stderr and "in-memory" in later.stderr, (command, later.stderr[-500:])
+    refused = _python(["-m", "tandem.cli", "profile", "resnet20", "--factory", "myscript:Net"], tmp_path)
+    assert refused.returncode != 0 and "--factory applies to a model file" in refused.stderr
+
+    done = _python(["-m", "myscript", "run2"], tmp_path)            # the same file as a module
+    assert done.returncode == 0 and "tandem: warning" not in done.stderr, done.stderr[-2000:]
+    model_file = next((tmp_path / "run2" / "models").glob("lsq-*.safetensors"))
+    ok = _python(["-m", "tandem.cli", "profile", str(model_file)], tmp_path)
+    assert ok.returncode == 0 and "MACs" in ok.stdout, ok.stderr[-2000:]

@@ -41,8 +41,25 @@ def _model_section(net: nn.Module) -> dict:
         if config.get("widths"):
             section["widths"] = list(config["widths"])
         return section
-    cls = type(net)
-    return {"factory": f"{cls.__module__}:{cls.__qualname__}"}
+    return {"factory": importable_name(type(net))}
+
+
+def importable_name(cls: type) -> str:
+    """'module:Class' a fresh process can import. A class of the script being run is named
+    `__main__:Class`, which no other process can import: under `python -m pkg.mod` the module's
+    real name is used; otherwise one warning line says how to make it importable."""
+    module = cls.__module__
+    if module == "__main__":
+        import sys
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name and spec.name != "__main__":
+            module = spec.name
+        else:
+            print(f"tandem: warning: {cls.__qualname__} is defined in the script being run, so the model files "
+                  f"record '__main__:{cls.__qualname__}', which tandem eval/export/profile cannot import; move it "
+                  f"into a module (e.g. nets.py, then `from nets import {cls.__qualname__}`), or give those "
+                  f"commands --factory MODULE:{cls.__qualname__}", file=sys.stderr)
+    return f"{module}:{cls.__qualname__}"
 
 
 def compress(model: nn.Module, method: str | list[str] = "pqkd", *, train, test, val=None,

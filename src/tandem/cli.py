@@ -196,13 +196,16 @@ def cmd_grid(ns) -> int:
     return 0
 
 
-def _load_model_file(path: Path) -> tuple:
+def _load_model_file(path: Path, factory: str | None = None) -> tuple:
     """(model, metadata) of a model file or of a packed export (`*.packed.safetensors`, which
     keeps its model file's dataset record)."""
     from .engine import load_model
 
     if not path.name.endswith(".packed.safetensors"):
-        return load_model(path)
+        return load_model(path, factory=factory)
+    if factory is not None:
+        raise TandemError(f"--factory applies to model files (models/*.safetensors); {path.name} is a packed export, "
+                          f"which rebuilds from its own record")
     from safetensors import SafetensorError, safe_open
     from .export import load_packed
 
@@ -225,8 +228,11 @@ def cmd_profile(ns) -> int:
     from .models import create_model
 
     path = Path(ns.model)
-    if path.suffix == ".safetensors" or path.is_file():
-        model, meta = _load_model_file(path)
+    is_file = path.suffix == ".safetensors" or path.is_file()
+    if ns.factory is not None and not is_file:
+        raise TandemError(f"--factory applies to a model file; {ns.model!r} is a registered model's name")
+    if is_file:
+        model, meta = _load_model_file(path, ns.factory)
         if ns.input_size is not None:
             channels = ns.in_channels or (meta.get("config") or {}).get("in_channels") or 3
             shape = (channels, ns.input_size, ns.input_size)
@@ -290,7 +296,7 @@ def cmd_eval(ns) -> int:
     device = resolve_device(ns.device)
     cache = {}
     for path in files:
-        model, meta = _load_model_file(path)
+        model, meta = _load_model_file(path, ns.factory)
         key = json.dumps([meta.get("dataset"), meta.get("seed")], sort_keys=True)
         if key not in cache:
             cache[key] = dataset_of(meta, ns.data_root, source=str(path))
@@ -305,7 +311,7 @@ def cmd_export(ns) -> int:
     from .export import export_run
 
     rows = export_run(ns.target, ns.format, out_dir=ns.out, data_root=ns.data_root, allow_mismatch=ns.allow_mismatch,
-                      runtime=ns.runtime)
+                      runtime=ns.runtime, factory=ns.factory)
     return 0 if ns.allow_mismatch or all(r.get("parity", True) for r in rows) else 1
 
 
@@ -366,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--first-last-bits", type=int, default=None,
                     help="bits of the first conv and last linear layer (default: same as the others)")
     pr.add_argument("--data-root", help="a model file's dataset location, if it moved since training")
+    pr.add_argument("--factory", help="MODULE:CLASS to rebuild a user's model from, for files whose recorded factory cannot be imported (e.g. '__main__:Net', written from a script)")
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--latency", action="store_true",
                     help="also measure inference latency on this CPU: eager and onnxruntime, batch 1 and "
@@ -381,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a models/*.safetensors file, a packed export (export/*.packed.safetensors) "
                                        "or a run folder")
     ev.add_argument("--data-root", help="dataset location, if it moved since training")
+    ev.add_argument("--factory", help="MODULE:CLASS to rebuild a user's model from, for files whose recorded factory cannot be imported (e.g. '__main__:Net', written from a script)")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(fn=cmd_eval)
 
@@ -390,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
     ex.add_argument("--out", help="output folder (default RUN_DIR/export)")
     ex.add_argument("--data-root", help="dataset location, if it moved since training")
+    ex.add_argument("--factory", help="MODULE:CLASS to rebuild a user's model from, for files whose recorded factory cannot be imported (e.g. '__main__:Net', written from a script)")
     ex.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
                     help="run the ONNX check in this runtime (openvino: pip install openvino; CPU, f32 precision "
                          "hint, recorded in export-onnx.json)")

@@ -136,15 +136,24 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def load_model(path: Path, build=None, source: str | None = None) -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, build=None, source: str | None = None,
+               factory: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The model a weights file holds; returns (model, metadata). A tandem model file rebuilds
     its own architecture (config and transforms); a plain state dict (`read_state_dict`) is
-    loaded into `build()`, the architecture it belongs to. `source` names the file in errors."""
+    loaded into `build()`, the architecture it belongs to. `source` names the file in errors.
+    `factory` ('module:fn') replaces the factory a file of a user's model recorded (one written
+    from a script records '__main__:Net', which no other process can import)."""
     from ..models import create_model
+    from ..models.registry import is_factory
 
     source = source or str(path)
     state, meta = read_state_dict(path)
     config = meta.get("config")
+    if factory is not None:
+        if not config or not is_factory(config.get("name", "")):
+            raise CheckpointError(f"{source}: --factory replaces the factory of a user's model, but this file holds "
+                                  f"{'the registered model ' + repr(config['name']) if config else 'no model config'}")
+        config = {**config, "name": factory}
     if config:
         model = replay_transforms(create_model(**config), meta.get("transforms") or [], source=source)
     elif build is not None:

@@ -39,7 +39,7 @@ def _test_data(meta: dict, data_root, cache: dict):
 
 
 def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_mismatch: bool = False,
-               warn=None, runtime: str = "onnxruntime") -> list[dict]:
+               warn=None, runtime: str = "onnxruntime", factory: str | None = None) -> list[dict]:
     """Export every model of a run folder (or one model file); returns one summary per model,
     also written to <out>/export-<fmt>.json
     (export-onnx-openvino.json for an OpenVINO check). An ONNX file whose predictions agree with PyTorch's
@@ -62,7 +62,7 @@ def export_run(target, fmt: str, out_dir=None, data_root=None, log=print, allow_
     out = Path(out_dir) if out_dir else (target if target.is_dir() else target.parent.parent) / "export"
     cache, rows = {}, []
     for path in files:
-        model, meta = load_model(path)
+        model, meta = load_model(path, factory=factory)
         model.eval()
         data, loader = _test_data(meta, data_root, cache)
         shape = (data.in_channels, *data.image_size)
