@@ -326,6 +326,12 @@ def _version() -> str:
         return __version__
 
 
+def _factory_option(parser) -> None:
+    parser.add_argument("--factory", metavar="MODULE:CLASS",
+                        help="rebuild a user's model from this, for files whose recorded factory cannot be imported "
+                             "(e.g. '__main__:Net', written from a script)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="Prune, quantize and distill CNNs together.")
     p.add_argument("--version", action="version", version=f"tandem {_version()}")
@@ -372,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--first-last-bits", type=int, default=None,
                     help="bits of the first conv and last linear layer (default: same as the others)")
     pr.add_argument("--data-root", help="a model file's dataset location, if it moved since training")
-    pr.add_argument("--factory", help="MODULE:CLASS to rebuild a user's model from, for files whose recorded factory cannot be imported (e.g. '__main__:Net', written from a script)")
+    _factory_option(pr)
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--latency", action="store_true",
                     help="also measure inference latency on this CPU: eager and onnxruntime, batch 1 and "
@@ -388,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a models/*.safetensors file, a packed export (export/*.packed.safetensors) "
                                        "or a run folder")
     ev.add_argument("--data-root", help="dataset location, if it moved since training")
-    ev.add_argument("--factory", help="MODULE:CLASS to rebuild a user's model from, for files whose recorded factory cannot be imported (e.g. '__main__:Net', written from a script)")
+    _factory_option(ev)
     ev.add_argument("--device", default="auto")
     ev.set_defaults(fn=cmd_eval)
 
@@ -398,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
     ex.add_argument("--out", help="output folder (default RUN_DIR/export)")
     ex.add_argument("--data-root", help="dataset location, if it moved since training")
-    ex.add_argument("--factory", help="MODULE:CLASS to rebuild a user's model from, for files whose recorded factory cannot be imported (e.g. '__main__:Net', written from a script)")
+    _factory_option(ex)
     ex.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
                     help="run the ONNX check in this runtime (openvino: pip install openvino; CPU, f32 precision "
                          "hint, recorded in export-onnx.json)")
