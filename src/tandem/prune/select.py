@@ -122,10 +122,10 @@ def select(graph: ChannelGraph, scores: dict[str, Optional[torch.Tensor]], *, ra
     # global ranking, one block (one channel unless round_to) at a time, weakest first
     pool = []
     for g in groups:
-        s = _normalized(scores[g.name].float(), normalize)[order[g.name]]
-        start = 0
+        ranked = _normalized(scores[g.name].float(), normalize)[order[g.name]].tolist()   # one host copy
+        idx, start = order[g.name].tolist(), 0
         for size in chunks(g, round_to):
-            pool.append((float(s[start:start + size].mean()), g.name, order[g.name][start:start + size]))
+            pool.append((sum(ranked[start:start + size]) / size, g.name, idx[start:start + size]))
             start += size
     pool.sort(key=lambda t: t[0])    # stable: a group's blocks stay in order
     by_name = {g.name: g for g in groups}
@@ -143,7 +143,7 @@ def select(graph: ChannelGraph, scores: dict[str, Optional[torch.Tensor]], *, ra
         if name in closed or len(removed.get(name, [])) + len(idx) > cap(by_name[name], max_ratio):
             closed.add(name)     # its later blocks would pass the cap too
             continue
-        removed.setdefault(name, []).extend(int(i) for i in idx)
+        removed.setdefault(name, []).extend(idx)
         macs.remove(by_name[name], len(idx))
         taken += len(idx)
     if macs_target is not None and macs.total > macs_target * base * (1 + 1e-9):
